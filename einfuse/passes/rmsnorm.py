@@ -1,0 +1,133 @@
+"""RMSNorm: recognised by what it computes, replaced by `einfuse::rms_norm`.
+
+The patterns are plain torch reference functions, lowered once to canonical
+nodes. Canonicalisation makes `x.pow(2).mean(-1)` and `torch.mean(x*x, -1)`,
+`x * rsqrt(v)` and `x / sqrt(v)`, methods and functions, with and without
+fp32 upcasts, the same node, so one pattern per variant (plain, Gemma's
+`1 + w`) covers every spelling. Anchors are rsqrt nodes (1/sqrt is
+canonicalised to rsqrt); each anchor's enclosing product is matched.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.fx as fx
+
+from einfuse.ir.from_dag import dag_to_cascade
+from einfuse.ir.lower import lower_function, lower_graph
+from einfuse.ir.match import match
+from einfuse.ir.node import Node, Op, toposort
+from einfuse.runtime.ops.rmsnorm import rms_norm
+from .base import PassContext, clone, covered_fx_nodes, cast_like, erase_dead, finish, insert_call, tensor_meta, value_of
+
+
+def rms_norm_ref(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rms_norm_offset_ref(x, w, eps):  # Gemma: the weight is stored as w - 1
+    return (1.0 + w) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+PATTERNS = (("weight", rms_norm_ref, 0.0), ("one_plus_weight", rms_norm_offset_ref, 1.0))
+
+
+@functools.cache
+def _patterns():
+    return [(name, lower_function(fn)[0][0], offset) for name, fn, offset in PATTERNS]
+
+
+def _anchors(low) -> list[Node]:
+    seen, out = set(), []
+    for f, c in low.of.items():
+        for m in toposort(c) if c.op is Op.MUL else ():
+            if m.op is Op.RSQRT and id(m) not in seen:
+                seen.add(id(m))
+                out.append(m)
+    return out
+
+
+def _check(b: dict, gm_low, shape_of) -> str:
+    x, w, eps = b["x"], b["w"], b["eps"]
+    if eps.op is not Op.CONST:
+        return "eps is not a constant"
+    xs, ws = shape_of(x), shape_of(w)
+    if xs is None or ws is None:
+        return "input shapes unknown"
+    h = xs[-1]
+    if not isinstance(h, int):
+        return "normalised dimension is dynamic"
+    inv = b["__inv_count"]
+    if inv.op is not Op.CONST or abs(inv.arg * h - 1.0) > 1e-6:
+        return f"mean divides by {1 / inv.arg if inv.op is Op.CONST and inv.arg else '?'}, not the row length {h}"
+    if tuple(d for d in ws if d != 1) != (h,) or ws[-1] != h:
+        return f"weight of shape {tuple(ws)} does not scale the normalised dimension {h}"
+    return ""
+
+
+def fuse_rmsnorm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    gm = clone(gm)
+    low = lower_graph(gm.graph)
+    fx_of_root: dict[int, list[fx.Node]] = {}
+    for f, c in low.of.items():
+        fx_of_root.setdefault(id(c), []).append(f)
+
+    def shape_of(n: Node):
+        f = value_of(low, n)
+        t = tensor_meta(f) if f is not None else None
+        return tuple(t.shape) if t is not None else None
+
+    done: set[int] = set()
+    for anchor in _anchors(low):
+        # candidate roots: products that contain this rsqrt, largest first
+        roots = [c for c in {id(c): c for c in low.of.values()}.values()
+                 if c.op is Op.MUL and any(s is anchor or (s.op is Op.MUL and anchor in s.src) for s in c.src)]
+        roots.sort(key=lambda c: -len(toposort(c)))
+        best_reason, fused = "", False
+        anchor_fx = value_of(low, anchor)
+        for root in roots:
+            for name, pat, offset in _patterns():
+                m = match(pat, root)
+                if not m.ok:
+                    best_reason = best_reason or m.reason
+                    continue
+                why = _check(m.bindings, low, shape_of)
+                x_fx, w_fx = value_of(low, m.bindings["x"]), value_of(low, m.bindings["w"])
+                if not why and (x_fx is None or w_fx is None):
+                    why = "an input is not a value the graph computes"
+                if why:
+                    best_reason = why
+                    continue
+                fused = True
+                break
+            if fused:
+                break
+        if not fused:
+            if any(id(a) in done for a in [anchor]):
+                continue
+            ctx.new_region("rmsnorm", False, [anchor_fx.name] if anchor_fx is not None else [],
+                           anchor_fx.name if anchor_fx is not None else "?",
+                           reason=f"rsqrt is not part of an RMSNorm: {best_reason or 'no enclosing product'}")
+            continue
+        b = m.bindings
+        eps = float(b["eps"].arg)
+        bound = [b["x"], b["w"], b["eps"], b["__inv_count"]]
+        region_fx = covered_fx_nodes(low, m.covered, bound)
+        root_fx = fx_of_root[id(root)]
+        first = min(root_fx, key=lambda n: list(gm.graph.nodes).index(n)) if len(root_fx) > 1 else root_fx[0]
+        new = insert_call(gm, first, rms_norm, (x_fx, w_fx, eps, offset))
+        x_t, w_t = tensor_meta(x_fx), tensor_meta(w_fx)
+        value_dtype = torch.result_type(x_t, w_t) if x_t is not None and w_t is not None else None
+        for f in root_fx:
+            if f is not first:
+                f.replace_all_uses_with(new)
+        out = cast_like(gm, new, root_fx[-1], value_dtype) if value_dtype is not None else new
+        cascade = dag_to_cascade("rmsnorm", {"Y": root}, {id(b["x"]): "X", id(b["w"]): "W"})
+        ctx.new_region("rmsnorm", True, [n.name for n in region_fx], anchor_fx.name if anchor_fx else first.name,
+                       cascades={"reference": cascade}, bindings={"eps": eps, "variant": name,
+                                                                   "hidden": shape_of(b["x"])[-1]})
+        erase_dead(gm, list(dict.fromkeys(region_fx + root_fx)))
+        done.add(id(anchor))
+    return finish(gm)

@@ -1,0 +1,98 @@
+"""The Report: what every pass matched, changed and rejected, graph by graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+FUSION_KINDS = ("attention", "rmsnorm", "swiglu", "rope", "linear_cross_entropy")
+
+
+@dataclass
+class Region:
+    """One candidate region: fused, or left alone with the reason."""
+    id: str                      # stable: "g{graph}/{kind}/{n}"
+    kind: str
+    fused: bool
+    nodes: list[str]             # FX node names the region covers
+    reason: str = ""             # why it was not fused (empty when fused)
+    anchor: str = ""             # the FX node the search started from
+    cascades: dict[str, Any] = field(default_factory=dict)   # label -> Cascade
+    bindings: dict[str, Any] = field(default_factory=dict)   # eps, scale, group size, ...
+    extra: dict[str, Any] = field(default_factory=dict)      # room for costs, pass counts, kernels
+
+    def summary(self) -> str:
+        what = "fused" if self.fused else f"not fused: {self.reason}"
+        return f"{self.id} ({self.anchor}): {what}"
+
+
+@dataclass
+class PassRecord:
+    graph: int
+    name: str
+    changed: bool
+    before: str
+    after: str
+    matched: int = 0
+    rejected: int = 0
+
+
+@dataclass
+class Report:
+    regions: list[Region] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)
+    graphs: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fusions(self) -> dict[str, int]:
+        counts = {k: 0 for k in FUSION_KINDS}
+        for r in self.regions:
+            if r.fused:
+                counts[r.kind] = counts.get(r.kind, 0) + 1
+        return counts
+
+    @property
+    def unfused(self) -> list[Region]:
+        return [r for r in self.regions if not r.fused]
+
+    def region(self, region_id: str) -> Region:
+        return next(r for r in self.regions if r.id == region_id)
+
+    def to_markdown(self) -> str:
+        lines = ["# einfuse report", "", f"Graphs captured: {self.graphs}", "", "## Fusions", "",
+                 "| kind | fused |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in self.fusions.items()]
+        lines += ["", "## Passes", "", "| graph | pass | changed | matched | rejected |", "|---|---|---|---|---|"]
+        lines += [f"| {p.graph} | {p.name} | {'yes' if p.changed else 'no'} | {p.matched} | {p.rejected} |"
+                  for p in self.passes]
+        lines += ["", "## Not fused", ""]
+        lines += [f"- `{r.id}` at `{r.anchor}`: {r.reason}" for r in self.unfused] or ["(none)"]
+        fused = [r for r in self.regions if r.fused]
+        if fused:
+            lines += ["", "## Fused regions", ""]
+            seen: set[str] = set()
+            for r in fused:
+                lines.append(f"### {r.id}")
+                lines.append("")
+                lines.append(f"Covers {len(r.nodes)} FX nodes; bindings: "
+                             + ", ".join(f"{k}={_short(v)}" for k, v in r.bindings.items()))
+                for label, c in r.cascades.items():
+                    key = f"{r.kind}/{label}/{c}"
+                    if key in seen:
+                        lines.append(f"\n{label}: same cascade as an earlier {r.kind} region")
+                        continue
+                    seen.add(key)
+                    lines += ["", f"{label}:", "```", str(c), "```"]
+                lines.append("")
+        if self.notes:
+            lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _short(v: Any) -> str:
+    s = repr(v) if not isinstance(v, str) else v
+    return s if len(s) < 40 else s[:37] + "..."

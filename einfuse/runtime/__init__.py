@@ -1,0 +1,1 @@
+"""Runtime: fused ops as torch.library custom ops (CPU implementations here)."""

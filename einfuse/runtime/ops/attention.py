@@ -1,0 +1,403 @@
+"""Fused softmax attention: ``einfuse::attention`` (+ ``einfuse::attention_backward``).
+
+Computes, per batch b and query head h (kv head ``h // (Hq // Hkv)``, as HF ``repeat_kv``)::
+
+    s   = (q @ k^T) * scale
+    s   = softcap * tanh(s / softcap)                 if softcap > 0
+    s   = s + mask  |  s.masked_fill(~mask, -inf)     float (additive) | bool (True = attend)
+    s   = -inf where j > i + (T - S)                  if is_causal (queries aligned to the END of keys)
+    s   = -inf where j <= i + (T - S) - window        if window > 0 (Mistral sliding window)
+    out = softmax(s, -1) @ v,   lse = logsumexp(s, -1)
+
+Algorithm (CPU). The eager cascade traverses the key rank three times (max, sum, A @ V).
+The tiled path here is the 1-pass cascade: keys are split into tiles of ``BLOCK_K`` and a
+running max ``m``, denominator ``l`` and numerator ``acc`` are carried across tiles, the old
+state being rescaled by ``exp(m_old - m_new)``. Queries are tiled too (``BLOCK_Q`` rows, fewer
+when B*Hq is large, see ``MAX_TILE_ELEMS``), so the largest temporary is one
+[B, Hq, block_q, block_k] score tile, never [S, T]. For causal/windowed attention only the
+key tiles inside each query tile's band are visited. GQA never copies K/V: the G query heads
+of a kv head are folded into the row dimension ([B, Hkv, G * rows, D]), so each score tile is
+one batched matmul against the un-expanded K tile, and the backward's sums over the group
+fall out of the same matmuls. All softmax state is fp32 (fp64 for fp64 inputs).
+
+Where ATen's fused CPU kernel ``aten::_scaled_dot_product_flash_attention_for_cpu`` has exactly
+these semantics it is used instead (it is the same online-softmax algorithm in C++,
+multi-threaded, GQA-aware; several times faster than the Python tile loop): no softcap, no
+window, causal only when S == T or S == 1 (ATen aligns causal to the top-left), D == Dv,
+equal q/k/v dtypes, mask None / bool / float of q's dtype, and -- in the default
+fully-masked-row mode -- no row whose mask is all -inf (ATen returns zeros there, eager
+softmax NaN). Set ``USE_NATIVE = False`` to force the tiled path.
+
+Fully masked rows (every score -inf): default mode gives NaN like eager ``torch.softmax``
+(an HF additive mask with ``finfo.min`` is finite, so those rows get eager's uniform-like
+weights in both modes); ``sdpa_masked_rows=True`` gives zeros and zero gradient, like
+``F.scaled_dot_product_attention`` on CPU. ``lse`` is -inf on such rows in both modes.
+
+Saved for backward: q, k, v, out, lse (per-row, fp32) and the mask -- O(S*D + T*D) memory,
+no probabilities. Backward recomputes P = exp(s - lse) tile by tile and uses
+dS = P * (dP - rowsum(dO * O) + dlse) (with the softcap factor 1 - tanh^2), accumulating
+dQ per query tile and dK, dV (fp32 buffers the size of k, v) across query tiles.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from einfuse.runtime import counters
+
+__all__ = ["attention", "attention_op", "attention_backward_op"]
+
+# Tile sizes of the Python online-softmax path (module constants so tests can shrink them).
+BLOCK_Q = 256  # query positions per tile (per head)
+BLOCK_K = 512  # keys per tile
+MAX_TILE_ELEMS = 1 << 23  # cap on B * Hq * block_q * block_k (32 MiB of fp32 scores)
+MIN_BLOCK_Q = 16
+USE_NATIVE = True  # use ATen's fused CPU kernel where semantics match exactly
+
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------- helpers
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D")
+    B, Hq, S, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    torch._check(k.shape[0] == B and v.shape[0] == B, lambda: "batch sizes differ")
+    torch._check(k.shape[3] == D, lambda: "q and k head sizes differ")
+    torch._check(v.shape[1] == Hkv and v.shape[2] == T, lambda: "k and v disagree")
+    torch._check(Hkv > 0 and Hq % Hkv == 0, lambda: f"Hq={Hq} not a multiple of Hkv={Hkv}")
+    if mask is not None:
+        torch._check(mask.dim() <= 4, lambda: "mask has more than 4 dims")
+        shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+        for got, want in zip(shape, (B, Hq, S, T)):
+            torch._check(got == 1 or got == want, lambda: f"mask {tuple(mask.shape)} not broadcastable")
+
+
+def _mask5(mask: Optional[Tensor], Hkv: int, G: int) -> Optional[Tensor]:
+    """View the mask as [Bm, Hkv|1, G|1, Sm, Tm] to match the folded [B, Hkv, G, S, T] scores."""
+    if mask is None:
+        return None
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[1] == 1:
+        return mask.unsqueeze(2)
+    return mask.unflatten(1, (Hkv, G))
+
+
+def _dead_rows(mask: Tensor) -> Tensor:
+    """Rows whose mask alone excludes every key (broadcastable to [B, Hq, S])."""
+    if mask.dtype == torch.bool:
+        return ~mask.any(-1)
+    return (mask == _NEG_INF).all(-1)
+
+
+def _key_range(i0: int, i1: int, T: int, off: int, is_causal: bool, window: int) -> tuple[int, int]:
+    """Keys [lo, hi) that some query in [i0, i1) may attend under causal/window."""
+    hi = min(T, i1 + off) if is_causal else T
+    lo = max(0, i0 + off - window + 1) if window > 0 else 0
+    return lo, hi
+
+
+def _block_q(rows_per_pos: int, S: int, bk: int) -> int:
+    bq = min(BLOCK_Q, max(MIN_BLOCK_Q, MAX_TILE_ELEMS // max(1, rows_per_pos * bk)))
+    return max(1, min(bq, S))
+
+
+class _Tiles:
+    """Shared tile machinery of forward and backward: folded q tiles and masked score tiles."""
+
+    def __init__(self, q, k, v, mask, scale, is_causal, window, softcap):
+        self.B, self.Hq, self.S, self.D = q.shape
+        self.Hkv, self.T, self.Dv = k.shape[1], k.shape[2], v.shape[3]
+        self.G = self.Hq // self.Hkv
+        self.acc = _acc_dtype(q.dtype)
+        self.q5 = q.unflatten(1, (self.Hkv, self.G))  # view [B, Hkv, G, S, D]
+        self.k, self.v = k, v
+        self.m5 = _mask5(mask, self.Hkv, self.G)
+        self.scale, self.is_causal, self.window, self.softcap = scale, is_causal, window, softcap
+        self.off = self.T - self.S
+        self.bk = max(1, min(BLOCK_K, max(1, self.T)))
+        self.bq = _block_q(self.B * self.Hq, self.S, self.bk)
+
+    def rows(self, x5: Tensor, i0: int, i1: int) -> Tensor:
+        """[B, Hkv, G, S, *] -> fp32 [B, Hkv, G*(i1-i0), *] (query-tile rows, group folded)."""
+        t = x5[:, :, :, i0:i1].to(self.acc)
+        return t.reshape(self.B, self.Hkv, self.G * (i1 - i0), *t.shape[4:])
+
+    def query_tiles(self):
+        for i0 in range(0, self.S, self.bq):
+            i1 = min(self.S, i0 + self.bq)
+            lo, hi = _key_range(i0, i1, self.T, self.off, self.is_causal, self.window)
+            yield i0, i1, [(j0, min(hi, j0 + self.bk)) for j0 in range(lo, hi, self.bk)]
+
+    def scores(self, qt: Tensor, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, Optional[Tensor]]:
+        """Masked fp32 scores of one tile, [B, Hkv, G*(i1-i0), j1-j0]; also tanh(.) if softcap."""
+        kt = self.k[:, :, j0:j1].to(self.acc)
+        s = torch.matmul(qt, kt.transpose(-1, -2))  # qt already carries `scale`
+        th = None
+        if self.softcap > 0:
+            th = s.div_(self.softcap).tanh_()
+            s = th * self.softcap
+        s5 = s.view(self.B, self.Hkv, self.G, i1 - i0, j1 - j0)
+        if self.m5 is not None:
+            mt = self.m5
+            mt = mt[..., i0:i1, :] if mt.shape[3] != 1 else mt
+            mt = mt[..., j0:j1] if mt.shape[4] != 1 else mt
+            if mt.dtype == torch.bool:
+                s5.masked_fill_(~mt, _NEG_INF)
+            else:
+                s5.add_(mt)
+        band = self._band(i0, i1, j0, j1, s.device)
+        if band is not None:
+            s5.masked_fill_(band, _NEG_INF)
+        return s, th
+
+    def _band(self, i0, i1, j0, j1, device) -> Optional[Tensor]:
+        """[rows, keys] bool of causal/window exclusions, None when the tile needs none."""
+        need_causal = self.is_causal and j1 - 1 > i0 + self.off
+        need_window = self.window > 0 and j0 <= i1 - 1 + self.off - self.window
+        if not (need_causal or need_window):
+            return None
+        ii = torch.arange(i0, i1, device=device)[:, None] + self.off
+        jj = torch.arange(j0, j1, device=device)[None, :]
+        bad = jj > ii if need_causal else torch.zeros(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
+        if need_window:
+            bad |= jj <= ii - self.window
+        return bad
+
+
+# --------------------------------------------------------------------------- tiled path
+def _forward_tiled(q, k, v, mask, scale, is_causal, window, softcap, sdpa_masked_rows):
+    t = _Tiles(q, k, v, mask, scale, is_causal, window, softcap)
+    B, Hkv, G, S, Dv = t.B, t.Hkv, t.G, t.S, t.Dv
+    out = q.new_empty(B, t.Hq, S, Dv)
+    lse = q.new_empty(B, t.Hq, S, dtype=t.acc)
+    out5, lse5 = out.view(B, Hkv, G, S, Dv), lse.view(B, Hkv, G, S)
+    for i0, i1, ktiles in t.query_tiles():
+        sq = i1 - i0
+        qt = t.rows(t.q5, i0, i1).mul_(scale) if t.acc != q.dtype else t.rows(t.q5, i0, i1) * scale
+        m = qt.new_full((B, Hkv, G * sq), _NEG_INF)
+        den = qt.new_zeros(B, Hkv, G * sq)
+        acc = qt.new_zeros(B, Hkv, G * sq, Dv)
+        for j0, j1 in ktiles:
+            s, _ = t.scores(qt, i0, i1, j0, j1)
+            m_new = torch.maximum(m, s.amax(-1))
+            m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)  # all -inf so far: avoid -inf - -inf
+            corr = torch.exp(m - m_safe)
+            p = s.sub_(m_safe.unsqueeze(-1)).exp_()
+            den = torch.addcmul(p.sum(-1), den, corr)
+            acc = torch.matmul(p, v[:, :, j0:j1].to(t.acc)).addcmul_(acc, corr.unsqueeze(-1))
+            m = m_new
+        if t.T == 0:  # eager: softmax over nothing @ empty v == 0
+            o = acc
+        else:
+            o = acc / den.unsqueeze(-1)  # 0/0 = NaN on fully masked rows, like eager softmax
+            if sdpa_masked_rows:
+                o = o.masked_fill_((den == 0).unsqueeze(-1), 0.0)
+        out5[:, :, :, i0:i1] = o.view(B, Hkv, G, sq, Dv)
+        lse5[:, :, :, i0:i1] = (m + den.log()).view(B, Hkv, G, sq)
+    return out, lse
+
+
+def _backward_tiled(dout, dlse, q, k, v, out, lse, mask, scale, is_causal, window, softcap, sdpa_masked_rows):
+    t = _Tiles(q, k, v, mask, scale, is_causal, window, softcap)
+    B, Hkv, G, S, D, Dv = t.B, t.Hkv, t.G, t.S, t.D, t.Dv
+    # delta = rowsum(dO * O) - dlse: the softmax-backward row term (and the lse output's grad).
+    delta = (dout.to(t.acc) * out.to(t.acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(t.acc)
+    if sdpa_masked_rows:  # fully masked rows: P = exp(-inf - inf) = 0 -> no gradient
+        lse = lse.masked_fill(lse == _NEG_INF, float("inf"))
+        delta = delta.nan_to_num(0.0)
+    dq = q.new_empty(q.shape)
+    dk = torch.zeros(k.shape, dtype=t.acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=t.acc, device=v.device)
+    dq5 = dq.view(B, Hkv, G, S, D)
+    do5, lse5, delta5 = dout.unflatten(1, (Hkv, G)), lse.unflatten(1, (Hkv, G)), delta.unflatten(1, (Hkv, G))
+    for i0, i1, ktiles in t.query_tiles():
+        sq = i1 - i0
+        qt = t.rows(t.q5, i0, i1) * scale
+        dot = t.rows(do5, i0, i1)
+        lse_t = t.rows(lse5, i0, i1).unsqueeze(-1)
+        delta_t = t.rows(delta5, i0, i1).unsqueeze(-1)
+        dqt = qt.new_zeros(qt.shape)
+        for j0, j1 in ktiles:
+            s, th = t.scores(qt, i0, i1, j0, j1)
+            p = s.sub_(lse_t).exp_()
+            vt = v[:, :, j0:j1].to(t.acc)
+            dv[:, :, j0:j1] += torch.matmul(p.transpose(-1, -2), dot)
+            ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(delta_t).mul_(p)
+            if th is not None:  # d/ds [c * tanh(s / c)] = 1 - tanh^2
+                ds.mul_(th.square_().neg_().add_(1.0))
+            kt = t.k[:, :, j0:j1].to(t.acc)
+            dqt += torch.matmul(ds, kt)
+            dk[:, :, j0:j1] += torch.matmul(ds.transpose(-1, -2), qt)  # qt = q * scale
+        dq5[:, :, :, i0:i1] = dqt.mul_(scale).view(B, Hkv, G, sq, D)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --------------------------------------------------------------------------- native path
+def _native_plan(q, k, v, mask, is_causal, window, softcap, sdpa_masked_rows):
+    """(attn_mask, is_causal, dead_rows) for ATen's fused CPU kernel, or None if it differs."""
+    S, T = q.shape[2], k.shape[2]
+    if not (USE_NATIVE and q.device.type == "cpu" and softcap <= 0 and window <= 0):
+        return None
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in _NATIVE_DTYPES):
+        return None
+    if q.shape[3] != v.shape[3] or S == 0 or T == 0:
+        return None
+    if is_causal and S != T and S != 1:  # ATen's causal is top-left aligned; ours bottom-right
+        return None
+    causal = is_causal and S == T
+    dead = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            dead = _dead_rows(mask)
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill_(~mask, _NEG_INF)
+        elif mask.dtype == q.dtype:
+            dead = _dead_rows(mask)
+        else:  # casting would change values (e.g. fp32 finfo.min -> -inf in bf16)
+            return None
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        if not bool(dead.any()):
+            dead = None
+        elif not sdpa_masked_rows:  # ATen gives 0 where eager softmax gives NaN
+            return None
+    return mask, causal, dead
+
+
+def _forward_native(q, k, v, plan, scale):
+    mask, causal, dead = plan
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=mask, scale=scale
+    )
+    lse = lse.to(_acc_dtype(q.dtype))
+    if dead is not None:  # ATen reports lse = 0 on fully masked rows; our contract is -inf
+        lse = lse.masked_fill(dead.expand(lse.shape), _NEG_INF)
+    return out.contiguous(), lse.contiguous()
+
+
+def _backward_native(dout, q, k, v, out, lse, plan, scale):
+    mask, causal, _ = plan
+    lse = lse.masked_fill(lse == _NEG_INF, 0.0).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.contiguous(), q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
+    )
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("einfuse::attention", mutates_args=())
+def attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor],
+    scale: float,
+    is_causal: bool,
+    window: int,
+    softcap: float,
+    sdpa_masked_rows: bool,
+) -> tuple[Tensor, Tensor]:
+    """Returns (out [B, Hq, S, Dv] in q.dtype, lse [B, Hq, S] in fp32 (fp64 for fp64 q))."""
+    counters.bump("attention")
+    _check(q, k, v, mask)
+    plan = _native_plan(q, k, v, mask, is_causal, window, softcap, sdpa_masked_rows)
+    if plan is not None:
+        return _forward_native(q, k, v, plan, scale)
+    return _forward_tiled(q, k, v, mask, scale, is_causal, window, softcap, sdpa_masked_rows)
+
+
+@attention_op.register_fake
+def _(q, k, v, mask, scale, is_causal, window, softcap, sdpa_masked_rows):
+    _check(q, k, v, mask)
+    B, Hq, S, _ = q.shape
+    out = q.new_empty(B, Hq, S, v.shape[3])
+    lse = q.new_empty(B, Hq, S, dtype=_acc_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("einfuse::attention_backward", mutates_args=())
+def attention_backward_op(
+    grad_out: Tensor,
+    grad_lse: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Optional[Tensor],
+    scale: float,
+    is_causal: bool,
+    window: int,
+    softcap: float,
+    sdpa_masked_rows: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv) shaped and typed like q, k, v (contiguous)."""
+    counters.bump("attention_backward")
+    plan = None
+    if grad_lse is None:  # ATen's backward has no lse-gradient input
+        plan = _native_plan(q, k, v, mask, is_causal, window, softcap, sdpa_masked_rows)
+    if plan is not None:
+        return _backward_native(grad_out, q, k, v, out, lse, plan, scale)
+    return _backward_tiled(
+        grad_out, grad_lse, q, k, v, out, lse, mask, scale, is_causal, window, softcap, sdpa_masked_rows
+    )
+
+
+@attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, mask, scale, is_causal, window, softcap, sdpa_masked_rows):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, is_causal, window, softcap, sdpa_masked_rows = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.params = (scale, is_causal, window, softcap, sdpa_masked_rows)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, mask, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- wrapper
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    scale: float,
+    is_causal: bool = False,
+    window: int = -1,
+    softcap: float = 0.0,
+    sdpa_masked_rows: bool = False,
+) -> Tensor:
+    """Fused attention; q [B, Hq, S, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] -> [B, Hq, S, Dv].
+
+    >>> q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    >>> attention(q, k, v, scale=8 ** -0.5, is_causal=True).shape
+    torch.Size([1, 4, 3, 8])
+    """
+    out, _ = torch.ops.einfuse.attention(
+        q, k, v, mask, scale, bool(is_causal), int(window), float(softcap), bool(sdpa_masked_rows)
+    )
+    return out
