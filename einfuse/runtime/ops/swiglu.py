@@ -72,7 +72,7 @@ def _act_bwd(grad: Tensor, x: Tensor, act: str, out: Tensor) -> Tensor:
 def _glu_fwd(gate: Tensor, up: Tensor, act: str) -> Tensor:
     """act(gate) * up in gate.dtype, computed in fp32 for low-precision inputs."""
     if gate.dtype in _LOW:
-        return _act(gate, act).mul_(up)
+        return _act(gate.float(), act).mul_(up.float()).to(gate.dtype)
     return _act(gate, act).mul_(up)
 
 

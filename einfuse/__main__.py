@@ -1,0 +1,5 @@
+import sys
+
+from einfuse.cli import main
+
+sys.exit(main())
