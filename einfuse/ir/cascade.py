@@ -242,7 +242,8 @@ class CascadeInterpreter:
             value = value.expand(*full) if value.dim() == len(full) else value
             value = value.sum(dims) if e.reduce is Op.SUM else value.amax(dims)
         else:
-            value = value.expand(*[sizes.get(r, 1) for r in all_ranks]) if value.dim() else value.expand(*[sizes.get(r, 1) for r in all_ranks])
+            full = [sizes.get(r, 1) for r in all_ranks]
+            value = value.expand(*full) if full else value.reshape(())
         return value, out_ranks
 
     def _value(self, n: Node, env, ranks, drop_rank):

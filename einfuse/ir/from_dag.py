@@ -63,7 +63,10 @@ def dag_to_cascade(name: str, outputs: dict[str, Node], inputs: dict[int, str]) 
             p = max((pos[id(s)] for s in srcs), key=len)
             lv = tuple(r for r in p if any(r in live[id(s)] for s in srcs))
             pos[id(n)], live[id(n)] = p, lv
-            expr[id(n)] = node(n.op, tuple(expr[id(s)] for s in srcs), n.arg)
+            parts = [expr[id(s)] for s in srcs]
+            if n.op in (Op.ADD, Op.MUL):  # re-sort: operand order must not depend on FX node names
+                parts.sort(key=lambda e: e.key)
+            expr[id(n)] = node(n.op, tuple(parts), n.arg)
             continue
         raise ValueError(f"{n.op.name.lower()} is not representable as a row-program cascade")
     for oname, o in outputs.items():

@@ -44,8 +44,13 @@ class MatchResult:
 def match(pattern: Node, target: Node) -> MatchResult:
     best = MatchResult(None, "", -1)
 
+    best_rank = [(-1, 0)]
+
     def fail(p: Node, t: Node, depth: int, why: str):
-        if depth > best.depth:
+        # the deepest mismatch wins; at equal depth an opaque value explains more than a constant
+        rank = (depth, 1 if t.op is Op.INPUT else 0)
+        if rank > best_rank[0]:
+            best_rank[0] = rank
             best.depth, best.reason = depth, why
 
     def go(p: Node, t: Node, env: dict, depth: int, covered: list) -> dict | None:

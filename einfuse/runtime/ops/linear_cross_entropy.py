@@ -1,0 +1,371 @@
+"""Logit-free fused linear + cross-entropy ("Cut Your Losses" / Liger fused linear CE).
+
+loss = reduce_i [ lse_i - x_i[y_i] + z_loss * lse_i**2 ]  over rows with y_i != ignore_index,
+x = hidden @ weight.T + bias  (then softcap * tanh(x / softcap) if softcap > 0),
+lse_i = logsumexp_j x_ij.
+
+Algorithm (CPU implementation, used for every device for now)
+-------------------------------------------------------------
+The [N, V] logits are never materialised. Rows with an ignored label are dropped
+up front (they cost nothing), then the remaining tokens are walked in chunks of
+``C`` rows, ``C`` chosen so one fp32 [C, V] chunk is at most ``CHUNK_BYTES`` (32 MiB):
+
+1. ``torch.addmm`` writes the chunk's logits into one preallocated fp32 buffer
+   (softcap: ``tanh`` in place, 1 - tanh**2 kept in a second buffer for the gradient).
+2. The target logit is gathered, then the native row-wise softmax kernel turns the
+   buffer into probabilities P *in place* (one cache-friendly pass per row).
+   The per-row loss is ``-log P[y]``; ``lse = x[y] + loss``.  Where ``P[y]`` is too
+   small to be represented accurately (loss > ~69, e.g. huge logits) the lse of
+   just those rows is recomputed exactly with ``logsumexp`` on re-evaluated logits.
+3. Because the loss is the end of the graph, the gradients are produced right
+   here, chunk by chunk (only when an input requires grad), with the one-hot term
+   factored out of the big buffer so it is never touched again:
+       dL/dx = a * P - w * onehot(y)        (a = w * (1 + 2 z_loss lse), w = 1/n or 1)
+       grad_hidden[rows] = a * (P @ W) - w * W[y]
+       grad_weight      += P.T @ (a * h) - index_add(y, w * h)
+       grad_bias        += P.T @ a      - index_add(y, w)
+   (with softcap the chain-rule factor 1 - tanh**2 is applied to the buffer).
+   Accumulation is in fp32 regardless of the input dtype (bf16 inputs are computed
+   in fp32 throughout).
+
+Saved for backward: the three fp32 gradients (grad_hidden [N, H], grad_weight
+[V, H], grad_bias [V]) - never logits, probabilities or log-probabilities.  The
+backward only scales them by the incoming scalar grad_output (like Liger-Kernel);
+they are a few hundred KB..MB, the same size as the parameters, versus N*V*4
+bytes for the logits.  Nothing is computed or saved for gradients when no input
+requires grad (inference / ``torch.no_grad``).
+
+``return_logits=True`` additionally returns the (soft-capped) logits in the input
+dtype.  Gradients flowing into those returned logits are supported: backward then
+adds ``G @ W``, ``G.T @ h`` and ``G.sum(0)`` for that incoming G (hidden / weight
+and, with softcap, the returned logits are saved for that purpose only when
+``return_logits`` is set).
+
+Limitations: reductions "mean" and "sum" only (per-row "none" losses cannot be
+scaled into precomputed weight gradients); no double backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from einfuse.runtime import counters
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_op", "CHUNK_BYTES"]
+
+# Upper bound on the size of one fp32 chunk of logits. Read at call time, so tests
+# can monkeypatch it to force many chunks.
+CHUNK_BYTES: int = 32 * 2**20
+
+# Rows whose target probability falls below this get their lse recomputed exactly
+# (below it, fp32 -log(p) loses accuracy / underflows).
+_P_TINY = 1e-30
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def _chunk_rows(n: int, v: int) -> int:
+    rows = max(1, CHUNK_BYTES // (4 * max(v, 1)))
+    if rows >= 32:
+        rows -= rows % 16  # friendlier matmul shapes
+    return max(1, min(n, rows))
+
+
+def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], reduction: str) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"linear_cross_entropy: expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: hidden size mismatch {hidden.shape[1]} vs {weight.shape[1]}")
+    if labels.dim() != 1 or labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"linear_cross_entropy: labels must be [N={hidden.shape[0]}], got {tuple(labels.shape)}")
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise ValueError("linear_cross_entropy: hidden, weight and bias must have the same dtype")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"linear_cross_entropy: bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"linear_cross_entropy: labels must be int64, got {labels.dtype}")
+
+
+def _logits_into(out: Tensor, h: Tensor, w_t: Tensor, b: Optional[Tensor], softcap: float, dcap: Optional[Tensor]) -> None:
+    """out <- (softcapped) h @ w_t + b in fp32; dcap <- 1 - tanh**2 if given."""
+    if b is None:
+        torch.mm(h, w_t, out=out)
+    else:
+        torch.addmm(b, h, w_t, out=out)
+    if softcap > 0.0:
+        out.mul_(1.0 / softcap).tanh_()
+        if dcap is not None:
+            torch.mul(out, out, out=dcap)
+            dcap.neg_().add_(1.0)
+        out.mul_(softcap)
+
+
+@torch.library.custom_op("einfuse::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    z_loss: float,
+    softcap: float,
+    return_logits: bool,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, logits, grad_hidden, grad_weight, grad_bias).
+
+    loss: [] in hidden.dtype. logits: [N, V] in hidden.dtype if return_logits else [0].
+    grad_*: fp32 d(loss)/d(input) for grad_output == 1 when the matching need_grad_*
+    flag is set, else an empty [0] fp32 tensor.
+    """
+    counters.bump("linear_cross_entropy")
+    _check_inputs(hidden, weight, labels, bias, reduction)
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    f32 = torch.float32
+    need_grad = need_grad_hidden or need_grad_weight or need_grad_bias
+    if need_grad_bias and bias is None:
+        raise ValueError("linear_cross_entropy: need_grad_bias set without a bias")
+
+    labels = labels.long()
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= v))
+    if bool(bad.any()):
+        raise IndexError(f"linear_cross_entropy: label {int(labels[bad][0])} out of range for vocabulary size {v}")
+    n_valid = int(valid.sum())
+
+    # fp32 views/copies of the operands (no copy for fp32 inputs).
+    w32 = weight if weight.dtype == f32 else weight.to(f32)
+    b32 = None if bias is None else (bias if bias.dtype == f32 else bias.to(f32))
+    w_t = w32.t()
+
+    # Rows to process. Ignored rows are dropped (they neither count nor get gradient)
+    # unless the caller wants every row's logits.
+    if return_logits or n_valid == n:
+        rows_h, rows_y, row_idx, all_rows = hidden, labels, None, True
+        row_valid = valid
+    else:
+        row_idx = valid.nonzero().squeeze(1)
+        rows_h, rows_y, all_rows = hidden.index_select(0, row_idx), labels.index_select(0, row_idx), False
+        row_valid = None  # every kept row is valid
+    m = rows_h.shape[0]
+
+    logits_out = hidden.new_empty((n, v)) if return_logits else hidden.new_empty((0,))
+    if need_grad_hidden:
+        # fully overwritten when every row is processed; ignored rows stay zero otherwise
+        grad_hidden = (torch.empty if (return_logits or n_valid == n) else torch.zeros)((n, hdim), dtype=f32, device=dev)
+    else:
+        grad_hidden = hidden.new_empty((0,), dtype=f32)
+    grad_weight = torch.zeros((v, hdim), dtype=f32, device=dev) if need_grad_weight else hidden.new_empty((0,), dtype=f32)
+    grad_bias = torch.zeros((v,), dtype=f32, device=dev) if need_grad_bias else hidden.new_empty((0,), dtype=f32)
+    # grad rows of the processed tokens (a separate buffer only when rows were compacted)
+    gh_rows = None
+    if need_grad_hidden:
+        gh_rows = grad_hidden if all_rows else torch.empty((m, hdim), dtype=f32, device=dev)
+
+    # Per-row weight of the loss (1/n_valid for mean; gradients use 1/max(n,1) so that
+    # "all ignored" gives zero gradients like eager, while the loss itself is 0/0 = NaN).
+    w_scale = (1.0 / max(n_valid, 1)) if reduction == "mean" else 1.0
+
+    row_loss = torch.empty((m,), dtype=f32, device=dev)
+    c_rows = _chunk_rows(m, v)
+    buf = torch.empty((c_rows, v), dtype=f32, device=dev) if m > 0 else None
+    dcap_buf = torch.empty((c_rows, v), dtype=f32, device=dev) if (m > 0 and softcap > 0.0 and need_grad) else None
+
+    for s in range(0, m, c_rows):
+        e = min(s + c_rows, m)
+        c = e - s
+        x = buf[:c]
+        dcap = None if dcap_buf is None else dcap_buf[:c]
+        h = rows_h[s:e]
+        h32 = h if h.dtype == f32 else h.to(f32)
+        y = rows_y[s:e]
+        if row_valid is not None:
+            vmask = row_valid[s:e]
+            y = torch.where(vmask, y, 0)  # safe gather index for ignored rows
+        y2 = y.unsqueeze(1)
+
+        _logits_into(x, h32, w_t, b32, softcap, dcap)
+        if return_logits:
+            logits_out[s:e].copy_(x)
+        x_y = x.gather(1, y2).squeeze(1)
+        torch._softmax(x, 1, False, out=x)  # x <- P, in place, one row-local pass
+        p_y = x.gather(1, y2).squeeze(1)
+        loss_c = p_y.log().neg_()
+        tiny = p_y < _P_TINY
+        if bool(tiny.any()):
+            # -log(p) is inaccurate here: recompute lse exactly for these rows only.
+            ti = tiny.nonzero().squeeze(1)
+            xt = torch.empty((ti.numel(), v), dtype=f32, device=dev)
+            _logits_into(xt, h32.index_select(0, ti), w_t, b32, softcap, None)
+            loss_c.index_copy_(0, ti, torch.logsumexp(xt, 1) - x_y.index_select(0, ti))
+            del xt
+        lse = x_y + loss_c
+        if z_loss != 0.0:
+            loss_c = loss_c + z_loss * lse * lse
+        if row_valid is not None:
+            loss_c = loss_c.masked_fill(~vmask, 0.0)
+        row_loss[s:e] = loss_c
+
+        if not need_grad:
+            continue
+        # dL/dx = a * P - wy * onehot(y)
+        wy = torch.full((c,), w_scale, dtype=f32, device=dev)
+        if row_valid is not None:
+            wy = wy.masked_fill(~vmask, 0.0)
+        a = wy * (1.0 + 2.0 * z_loss * lse) if z_loss != 0.0 else wy
+
+        if softcap > 0.0:
+            # chain rule through the cap: apply (1 - tanh^2) elementwise to the dense grad
+            x.mul_(a.unsqueeze(1))
+            x.scatter_add_(1, y2, (-wy).unsqueeze(1))
+            x.mul_(dcap)
+            if need_grad_hidden:
+                torch.mm(x, w32, out=gh_rows[s:e])
+            if need_grad_weight:
+                grad_weight.addmm_(x.t(), h32)
+            if need_grad_bias:
+                grad_bias.add_(x.sum(0))
+            continue
+
+        if need_grad_hidden:
+            g = gh_rows[s:e]
+            torch.mm(x, w32, out=g)
+            g.mul_(a.unsqueeze(1))
+            g.addcmul_(w32.index_select(0, y), wy.unsqueeze(1), value=-1.0)
+        if need_grad_weight:
+            grad_weight.addmm_(x.t(), h32 * a.unsqueeze(1))
+            grad_weight.index_add_(0, y, h32 * wy.unsqueeze(1), alpha=-1.0)
+        if need_grad_bias:
+            grad_bias.addmv_(x.t(), a)
+            grad_bias.index_add_(0, y, wy, alpha=-1.0)
+
+    if need_grad_hidden and not all_rows:
+        grad_hidden.index_copy_(0, row_idx, gh_rows)
+
+    total = row_loss.sum()
+    loss = total / n_valid if reduction == "mean" else total
+    if reduction == "mean" and n_valid == 0:
+        loss = torch.full((), float("nan"), dtype=f32, device=dev)
+    return loss.to(hidden.dtype), logits_out, grad_hidden, grad_weight, grad_bias
+
+
+@linear_cross_entropy_op.register_fake
+def _(hidden, weight, labels, bias, ignore_index, reduction, z_loss, softcap, return_logits,
+      need_grad_hidden, need_grad_weight, need_grad_bias):
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    f32 = torch.float32
+    loss = hidden.new_empty(())
+    logits = hidden.new_empty((n, v)) if return_logits else hidden.new_empty((0,))
+    gh = hidden.new_empty((n, hdim), dtype=f32) if need_grad_hidden else hidden.new_empty((0,), dtype=f32)
+    gw = hidden.new_empty((v, hdim), dtype=f32) if need_grad_weight else hidden.new_empty((0,), dtype=f32)
+    gb = hidden.new_empty((v,), dtype=f32) if need_grad_bias else hidden.new_empty((0,), dtype=f32)
+    return loss, logits, gh, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, labels, bias, ignore_index, reduction, z_loss, softcap, return_logits,
+     need_gh, need_gw, need_gb) = inputs
+    loss, logits, gh, gw, gb = output
+    # The precomputed gradients are internal outputs: no gradient flows into them.
+    ctx.mark_non_differentiable(gh, gw, gb)
+    # An unused returned-logits output must not get a materialised [N, V] zero gradient.
+    ctx.set_materialize_grads(False)
+    ctx.flags = (need_gh, need_gw, need_gb)
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.return_logits = return_logits
+    ctx.softcap = softcap
+    ctx.has_bias = bias is not None
+    if return_logits:
+        # Only needed if the caller back-propagates through the returned logits.
+        ctx.save_for_backward(gh, gw, gb, hidden, weight, logits if softcap > 0.0 else None)
+    else:
+        ctx.save_for_backward(gh, gw, gb)
+
+
+def _backward(ctx, g_loss, g_logits, _g_gh, _g_gw, _g_gb):
+    saved = ctx.saved_tensors
+    gh32, gw32, gb32 = saved[:3]
+    dt_h, dt_w, dt_b = ctx.dtypes
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+    for wanted, computed, name in zip(need, ctx.flags, ("hidden", "weight", "bias")):
+        if wanted and not computed:
+            raise RuntimeError(
+                f"einfuse::linear_cross_entropy: gradient for {name} requested but need_grad_{name} was False "
+                "in the forward call (use the linear_cross_entropy wrapper)")
+
+    grads = [None, None, None]
+    if g_loss is not None:
+        if need[0]:
+            grads[0] = gh32 * g_loss
+        if need[1]:
+            grads[1] = gw32 * g_loss
+        if need[2]:
+            grads[2] = gb32 * g_loss
+
+    if g_logits is not None and ctx.return_logits:
+        hidden, weight, logits = saved[3], saved[4], saved[5]
+        g = g_logits.to(torch.float32)
+        if ctx.softcap > 0.0:
+            t = logits.to(torch.float32) / ctx.softcap
+            g = g * (1.0 - t * t)
+        contrib = [
+            (lambda: g @ weight.to(torch.float32)) if need[0] else None,
+            (lambda: g.t() @ hidden.to(torch.float32)) if need[1] else None,
+            (lambda: g.sum(0)) if need[2] else None,
+        ]
+        for i, fn in enumerate(contrib):
+            if fn is not None:
+                grads[i] = fn() if grads[i] is None else grads[i] + fn()
+
+    out = []
+    for gr, dt in zip(grads, (dt_h, dt_w, dt_b)):
+        out.append(None if gr is None else gr.to(dt))
+    gh, gw, gb = out
+    return gh, gw, None, gb, None, None, None, None, None, None, None, None
+
+
+linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    softcap: float = 0.0,
+    return_logits: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels`` without materialising logits.
+
+    hidden: [..., H] (leading dims are flattened), weight: [V, H], bias: [V] or None,
+    labels: [...] int64, already shifted. Returns the loss in hidden's dtype, and with
+    ``return_logits=True`` also the [..., V] (soft-capped) logits.
+    """
+    lead = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    grad_on = torch.is_grad_enabled()
+    need_gh = grad_on and hidden.requires_grad
+    need_gw = grad_on and weight.requires_grad
+    need_gb = grad_on and bias is not None and bias.requires_grad
+    loss, logits, _, _, _ = linear_cross_entropy_op(
+        h2, weight, y, bias, int(ignore_index), str(reduction), float(z_loss), float(softcap),
+        bool(return_logits), need_gh, need_gw, need_gb)
+    if return_logits:
+        return loss, logits.reshape(*lead, weight.shape[0])
+    return loss
