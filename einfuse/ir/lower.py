@@ -248,7 +248,45 @@ def _index_repr(idx) -> Any:
 def _getitem(ctx, n, x, idx, **k):
     if not isinstance(x, Node):
         raise LoweringError("getitem of a non-tensor")
+    src = n.args[0] if n.args else None
+    if isinstance(src, fx.Node) and isinstance(idx, int) and op_name(src) in _SPLITS:
+        return _split_piece(ctx, n, src, idx)
     return node(Op.INDEX, (x,), _index_repr(idx), meta_shape(n))
+
+
+_SPLITS = ("chunk", "split", "split_with_sizes")
+
+
+def _split_piece(ctx, n, src, i):
+    """chunk(x, c, d)[i] / split(x, s, d)[i] -> x[..., a:b] (a slice of x along d)."""
+    base = src.args[0] if src.args else src.kwargs.get("input", src.kwargs.get("self"))
+    pieces = meta_value(src)
+    x = getattr(ctx, "env", {}).get(base)
+    if x is None or not isinstance(pieces, (tuple, list)) or x.shape is None:
+        raise LoweringError("split of an unknown tensor")
+    dim = src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", 0)
+    nd = len(x.shape)
+    d = int(dim) % nd
+    sizes = [p.shape[d] for p in pieces]
+    if not all(isinstance(s, int) for s in sizes):
+        raise LoweringError("split into dynamic sizes")
+    a = sum(sizes[:i % len(sizes)])
+    b = a + sizes[i % len(sizes)]
+    idx = (slice(None),) * d + (slice(a, b),)
+    return node(Op.INDEX, (x,), _index_repr(idx), meta_shape(n))
+
+
+def _mul(ctx, n, a, b, **k):
+    v = meta_value(n)
+    if isinstance(v, torch.Tensor) and v.is_complex():
+        return node(Op.CMUL, (a, b), None, meta_shape(n))  # complex product
+    return node(Op.MUL, (a, b), None, meta_shape(n) or broadcast_shape(a.shape, b.shape))
+
+
+def _view_as(op: Op):
+    def rule(ctx, n, x, **k):
+        return node(op, (x,), None, meta_shape(n))  # view_as_complex / view_as_real
+    return rule
 
 
 def _unsqueeze(ctx, n, x, d, **k):
@@ -283,7 +321,7 @@ def _maximum(ctx, n, a, b, **k):
 
 lower_rules: dict[str, Callable] = {
     "add": _add, "sub": _sub, "rsub": lambda c, n, a, b, **k: _sub(c, n, b, a, **k),
-    "mul": _ew(Op.MUL), "div": _div, "neg": _ew(Op.NEG), "recip": _ew(Op.RECIP), "pow": _pow,
+    "mul": _mul, "div": _div, "neg": _ew(Op.NEG), "recip": _ew(Op.RECIP), "pow": _pow,
     "sqrt": _ew(Op.SQRT), "rsqrt": _ew(Op.RSQRT), "exp": _ew(Op.EXP), "log": _ew(Op.LOG),
     "tanh": _ew(Op.TANH), "sigmoid": _ew(Op.SIGMOID), "silu": _silu, "gelu": _gelu,
     "maximum": _maximum, "where": _where, "masked_fill": _masked_fill,
@@ -293,6 +331,8 @@ lower_rules: dict[str, Callable] = {
     "matmul": _matmul, "linear": _linear, "transpose": _transpose, "t": _t,
     "reshape": _reshape, "expand": _expand, "getitem": _getitem, "unsqueeze": _unsqueeze,
     "cat": _cat, "concat": _cat, "dropout": _dropout,
+    "view_as_complex": _view_as(Op.COMPLEX), "view_as_real": _view_as(Op.REAL),
+    "flatten": _reshape, "unflatten": _reshape,
 }
 
 
@@ -325,6 +365,7 @@ def lower_graph(graph: fx.Graph, pattern: bool = False) -> Lowered:
     out = Lowered()
     env: dict[fx.Node, Node] = {}
     ctx = _Ctx(pattern)
+    ctx.env = env  # split/chunk pieces look up their source
     raw: dict[fx.Node, Node] = {}
     for n in graph.nodes:
         if n.op == "output":

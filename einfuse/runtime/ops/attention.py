@@ -207,34 +207,68 @@ def _forward_tiled(q, k, v, mask, scale, is_causal, window, softcap, sdpa_masked
     return out, lse
 
 
-def _backward_tiled(dout, dlse, q, k, v, out, lse, mask, scale, is_causal, window, softcap, sdpa_masked_rows):
+def _backward_tiled(dout, dlse, q, k, v, mask, scale, is_causal, window, softcap):
+    """dq, dk, dv by recomputation; the saved out/lse are deliberately not used (see below)."""
     t = _Tiles(q, k, v, mask, scale, is_causal, window, softcap)
-    B, Hkv, G, S, D, Dv = t.B, t.Hkv, t.G, t.S, t.D, t.Dv
-    # delta = rowsum(dO * O) - dlse: the softmax-backward row term (and the lse output's grad).
-    delta = (dout.to(t.acc) * out.to(t.acc)).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.to(t.acc)
-    if sdpa_masked_rows:  # fully masked rows: P = exp(-inf - inf) = 0 -> no gradient
-        lse = lse.masked_fill(lse == _NEG_INF, float("inf"))
-        delta = delta.nan_to_num(0.0)
+    B, Hkv, G, S, D = t.B, t.Hkv, t.G, t.S, t.D
     dq = q.new_empty(q.shape)
     dk = torch.zeros(k.shape, dtype=t.acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=t.acc, device=v.device)
     dq5 = dq.view(B, Hkv, G, S, D)
-    do5, lse5, delta5 = dout.unflatten(1, (Hkv, G)), lse.unflatten(1, (Hkv, G)), delta.unflatten(1, (Hkv, G))
+    do5 = dout.unflatten(1, (Hkv, G))
+    dlse5 = None if dlse is None else dlse.unflatten(1, (Hkv, G))
+
+    def tile(qt, dot, i0, i1, j0, j1):
+        s, th = t.scores(qt, i0, i1, j0, j1)
+        vt = t.v[:, :, j0:j1].to(t.acc)
+        return s, th, torch.matmul(dot, vt.transpose(-1, -2))  # scores, tanh, dP = dO V^T
+
     for i0, i1, ktiles in t.query_tiles():
         sq = i1 - i0
         qt = t.rows(t.q5, i0, i1) * scale
         dot = t.rows(do5, i0, i1)
-        lse_t = t.rows(lse5, i0, i1).unsqueeze(-1)
-        delta_t = t.rows(delta5, i0, i1).unsqueeze(-1)
+        # Row statistics, recomputed as eager's softmax backward computes them:
+        #   m = max_j s,  c = sum_j exp(s - m),  P = exp(s - m) / c,  delta = sum_j P dP.
+        # The textbook P = exp(s - lse) with delta = rowsum(dO * O) is equal in exact
+        # arithmetic, but lse's and O's fp32 rounding then does not cancel in dP - delta for
+        # saturated (near one-hot) rows: measured 10-30x eager's dq/dk error at large logits.
+        # Cost: with one key tile per query tile, nothing (the tile is reused); otherwise one
+        # online pass (running m, c, u = sum exp(s - m) dP) of 2 matmuls per tile.
+        shape = qt.shape[:-1]
+        m = qt.new_full(shape, _NEG_INF)
+        c, u = qt.new_zeros(shape), qt.new_zeros(shape)
+        cached = None
+        for j0, j1 in ktiles:
+            s, th, dp = tile(qt, dot, i0, i1, j0, j1)
+            m_new = torch.maximum(m, s.amax(-1))
+            m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)
+            corr = torch.exp(m - m_safe)
+            x = s.sub_(m_safe.unsqueeze(-1)).exp_()
+            c = torch.addcmul(x.sum(-1), c, corr)
+            m = m_new
+            if len(ktiles) == 1:
+                cached = (x, th, dp)
+            else:
+                u = torch.addcmul((x * dp).sum(-1), u, corr)
+        m_safe = m.masked_fill(m == _NEG_INF, 0.0).unsqueeze(-1)
+        # fully masked rows (c = 0): eager gives NaN (0/0), SDPA gives 0; their output was
+        # made NaN or 0 in forward and P = 0 here, so they add no gradient in either mode.
+        inv_c = c.masked_fill(c == 0, 1.0).reciprocal_().unsqueeze(-1)
+        if cached is not None:
+            x, th, dp = cached
+            p = x.mul_(inv_c)
+            delta = (p * dp).sum(-1, keepdim=True)
+        else:
+            delta = u.unsqueeze(-1) * inv_c
+        if dlse5 is not None:  # d lse / d s = P: folds into the same row term
+            delta = delta - t.rows(dlse5, i0, i1).unsqueeze(-1)
         dqt = qt.new_zeros(qt.shape)
         for j0, j1 in ktiles:
-            s, th = t.scores(qt, i0, i1, j0, j1)
-            p = s.sub_(lse_t).exp_()
-            vt = v[:, :, j0:j1].to(t.acc)
+            if cached is None:
+                s, th, dp = tile(qt, dot, i0, i1, j0, j1)
+                p = s.sub_(m_safe).exp_().mul_(inv_c)
             dv[:, :, j0:j1] += torch.matmul(p.transpose(-1, -2), dot)
-            ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(delta_t).mul_(p)
+            ds = dp.sub_(delta).mul_(p)  # dS = P * (dP - delta)
             if th is not None:  # d/ds [c * tanh(s / c)] = 1 - tanh^2
                 ds.mul_(th.square_().neg_().add_(1.0))
             kt = t.k[:, :, j0:j1].to(t.acc)
@@ -349,9 +383,7 @@ def attention_backward_op(
         plan = _native_plan(q, k, v, mask, is_causal, window, softcap, sdpa_masked_rows)
     if plan is not None:
         return _backward_native(grad_out, q, k, v, out, lse, plan, scale)
-    return _backward_tiled(
-        grad_out, grad_lse, q, k, v, out, lse, mask, scale, is_causal, window, softcap, sdpa_masked_rows
-    )
+    return _backward_tiled(grad_out, grad_lse, q, k, v, mask, scale, is_causal, window, softcap)
 
 
 @attention_backward_op.register_fake

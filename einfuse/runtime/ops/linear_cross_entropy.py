@@ -152,7 +152,7 @@ def linear_cross_entropy_op(
     # unless the caller wants every row's logits.
     if return_logits or n_valid == n:
         rows_h, rows_y, row_idx, all_rows = hidden, labels, None, True
-        row_valid = valid
+        row_valid = None if n_valid == n else valid
     else:
         row_idx = valid.nonzero().squeeze(1)
         rows_h, rows_y, all_rows = hidden.index_select(0, row_idx), labels.index_select(0, row_idx), False
