@@ -103,6 +103,96 @@ def spelled_softmax(n: Node) -> Node | None:
     return None
 
 
+def _index_items(arg) -> list | None:
+    """An INDEX arg as a list of per-position items (None for unsqueeze forms)."""
+    if isinstance(arg, tuple) and arg and isinstance(arg[0], str) and arg[0] != "...":
+        return [arg] if arg[0] == "slice" else None
+    return list(arg) if isinstance(arg, tuple) else [arg]
+
+
+def _norm_slice(item, size):
+    _, a, b, c = item
+    a = None if a == 0 else a
+    c = None if c == 1 else c
+    if isinstance(size, int) and (c is None or c > 0):
+        a0, b0, _ = slice(a, b, c).indices(size)
+        a = a0 or None
+        b = None if b0 >= size else b0
+    return ("slice", a, b, c)
+
+
+def normalise_index(n: Node) -> Node | None:
+    """x[:, :, a:b] -> x[..., a:b]; x[:, 0:] -> x; x[..., -2:] -> x[..., D-2:] (slices only)."""
+    items = _index_items(n.arg)
+    if items is None or any(not (i == "..." or (isinstance(i, tuple) and i[0] == "slice")) for i in items):
+        return None
+    if items.count("...") > 1:
+        return None
+    x = n.src[0]
+    if x.shape is None:
+        new = [i if i == "..." else _norm_slice(i, None) for i in items]
+    else:
+        nd = len(x.shape)
+        explicit = [i for i in items if i != "..."]
+        if len(explicit) > nd:
+            return None
+        e = items.index("...") if "..." in items else len(items)
+        full = ("slice", None, None, None)
+        per_dim = items[:e] + [full] * (nd - len(explicit)) + items[e + 1:]
+        per_dim = [_norm_slice(i, s) for i, s in zip(per_dim, x.shape)]
+        first = next((d for d, i in enumerate(per_dim) if i != full), None)
+        if first is None:
+            return x  # x[:, 0:] -> x
+        new = ["..."] + per_dim[first:]
+    arg = tuple(new)
+    return None if arg == n.arg else node(Op.INDEX, (x,), arg, n.shape)
+
+
+def real_rules(n: Node) -> Node | None:
+    (z,) = n.src
+    if z.op is Op.COMPLEX:
+        return z.src[0]  # view_as_real(view_as_complex(x)) -> x
+    if z.op is not Op.CMUL:
+        return None
+    for c, f in (z.src, z.src[::-1]):
+        if c.op is Op.COMPLEX and c.src[0].shape is not None and c.src[0].shape[-1] == 2:
+            break
+    else:
+        return None
+    # view_as_real(view_as_complex(a) * f) -> cat(ar*fr - ai*fi, ar*fi + ai*fr)  (real two-component form)
+    a = c.src[0]
+    y = node(Op.REAL, (f,), None, tuple(f.shape) + (2,) if f.shape is not None else None)
+    lo, hi = ("...", ("slice", None, 1, None)), ("...", ("slice", 1, None, None))
+    one = lambda t: tuple(t.shape[:-1]) + (1,) if t.shape is not None else None
+    ar, ai = node(Op.INDEX, (a,), lo, one(a)), node(Op.INDEX, (a,), hi, one(a))
+    yr, yi = node(Op.INDEX, (y,), lo, one(y)), node(Op.INDEX, (y,), hi, one(y))
+    half = one(n) if n.shape is not None else None
+    re = node(Op.ADD, (node(Op.MUL, (ar, yr), None, half), node(Op.MUL, (const(-1.0), ai, yi), None, half)), None, half)
+    im = node(Op.ADD, (node(Op.MUL, (ar, yi), None, half), node(Op.MUL, (ai, yr), None, half)), None, half)
+    return node(Op.CAT, (re, im), -1, n.shape)
+
+
+def complex_of_real(n: Node) -> Node | None:
+    (x,) = n.src
+    return x.src[0] if x.op is Op.REAL else None  # view_as_complex(view_as_real(z)) -> z
+
+
+def sigmoid_from_exp(n: Node) -> Node | None:
+    """1/(1 + exp(-x)) -> sigmoid(x)."""
+    (d,) = n.src
+    if d.op is not Op.ADD or len(d.src) != 2:
+        return None
+    for one, e in (d.src, d.src[::-1]):
+        if _is_const(one, 1.0) and e.op is Op.EXP and e.src[0].op is Op.MUL:
+            m = e.src[0]
+            negs = [s for s in m.src if _is_const(s, -1.0)]
+            if len(negs) == 1:
+                rest = [s for s in m.src if s is not negs[0]]
+                x = _nary(Op.MUL, rest, m.shape)
+                return node(Op.SIGMOID, (x,), None, n.shape)
+    return None
+
+
 canonical_rules = RuleTable([
     (Op.CAST, strip_cast),              # x.to(dtype) -> x
     (Op.DROPOUT, drop_inactive_dropout),  # dropout(x, p=0) -> x
@@ -111,6 +201,10 @@ canonical_rules = RuleTable([
     (Op.ADD, flatten_and_fold),         # a+(b+c) -> a+b+c, sorted, constants folded
     (Op.MUL, flatten_and_fold),         # a*(b*c) -> a*b*c, sorted, constants folded
     (Op.MUL, spelled_softmax),          # exp(x-max)/sum(exp(x-max)) -> softmax(x)
+    (Op.INDEX, normalise_index),        # x[:, :, a:b] -> x[..., a:b]; x[:, 0:] -> x
+    (Op.REAL, real_rules),              # view_as_real(view_as_complex(a) * f) -> real two-component form
+    (Op.COMPLEX, complex_of_real),      # view_as_complex(view_as_real(z)) -> z
+    (Op.RECIP, sigmoid_from_exp),       # 1/(1 + exp(-x)) -> sigmoid(x)
 ] + [(op, fold_unary_const) for op in (Op.SQRT, Op.EXP, Op.TANH, Op.RSQRT, Op.LOG)],  # f(c) -> c'
     name="canonical")
 

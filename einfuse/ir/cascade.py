@@ -39,6 +39,9 @@ class Cascade:
     einsums: tuple[Einsum, ...]
     outputs: tuple[str, ...]
     notes: tuple[str, ...] = field(default=())
+    # rank splits (rank, outer, inner): rank m read as (m1, m0) means index m1*M0 + m0, where
+    # M0 is the tile size (sizes[inner] at run time); the last tile may be ragged
+    splits: tuple[tuple[str, str, str], ...] = field(default=())
 
     # -- structure ---------------------------------------------------------------
     def key(self) -> str:
@@ -112,8 +115,8 @@ def format_einsum(e: Einsum, rename=lambda s: s) -> str:
 
 
 def format_cascade(c: Cascade, rename=lambda s: s) -> str:
-    lines = [format_einsum(e, rename) for e in c.einsums]
-    width = max((len(l) for l in lines), default=0)
+    lines = [f"split {rename(r)} -> {rename(o)},{rename(i)}" for r, o, i in c.splits]
+    lines += [format_einsum(e, rename) for e in c.einsums]
     return "\n".join(lines)
 
 
@@ -143,10 +146,19 @@ class CascadeInterpreter:
     """Evaluates a cascade with torch (fp64 by default): the executable meaning of the IR.
 
     Non-iterative Einsums are evaluated at once over all their ranks (broadcast
-    map, then reduce). Iterative Einsums (ranks containing "k+1") and every
-    Einsum that reads their running state at a fixed k are evaluated inside one
+    map, then reduce). If some Einsum writes running state over a rank k
+    (ranks spelled "k+1"), every Einsum with k among its ranks runs inside one
     sequential loop over k, in cascade order: this is what makes a 1-pass
     cascade run in one pass with a buffer independent of the iterated rank.
+    Inside the loop a read of state at "k" is the previous value (`init` on
+    the first iteration) and a read at "k+1" is the value written in this
+    iteration. Einsums that need none of the loop run before it; the others
+    run after it and read the final state (a read may spell the final index
+    as the capitalised rank, `RNV[M1,p,f]`).
+
+    A rank split (`Cascade.splits`, rank m -> (m1, m0)) lets a cascade read an
+    m-indexed input as `K[m1,m0,e]`: iteration m1 sees the tile
+    m1*M0 ... m1*M0 + M0 - 1 (M0 = sizes[m0]); the last tile may be shorter.
     """
 
     def __init__(self, cascade: Cascade):
@@ -163,6 +175,10 @@ class CascadeInterpreter:
                 if sizes.setdefault(r, s) != s and s != 1:
                     raise ValueError(f"rank {r}: size {s} vs {sizes[r]}")
             env[name] = (t, ranks)
+        for rank, outer, inner in self.c.splits:
+            if inner not in sizes:
+                raise ValueError(f"rank {rank} is split into ({outer}, {inner}): give sizes[{inner!r}] (the tile)")
+            sizes[outer] = -(-sizes[rank] // sizes[inner])
         loop_rank = self._loop_rank()
         if loop_rank is None:
             for e in self.c.einsums:
@@ -181,37 +197,56 @@ class CascadeInterpreter:
         return None
 
     def _run_loop(self, k: str, env, sizes):
-        # Einsums with k among their ranks (or writing k+1 state) run inside the loop.
-        n_k = sizes[k]
-        inside = [e for e in self.c.einsums if any(_rank_base(r)[0] == k for r in e.ranks)]
-        before = [e for e in self.c.einsums if e not in inside and not self._reads_state(e, inside)]
-        after = [e for e in self.c.einsums if e not in inside and e not in before]
+        es = self.c.einsums
+        inside = [e for e in es if any(_rank_base(r)[0] == k for r in e.ranks)]
+        if any(k in e.over for e in es):
+            raise NotImplementedError(f"a reduction over the iterated rank {k} (use running state instead)")
+        state_names = {e.out for e in inside if any(_rank_base(r)[1] for r in e.ranks)}
+        # Einsums outside the loop that (transitively) read a loop result run after it
+        late = {e.out for e in inside}
+        after = []
+        for e in es:
+            if e not in inside and reads(e.expr) & late:
+                after.append(e)
+                late.add(e.out)
+        before = [e for e in es if e not in inside and e not in after]
         for e in before:
             self._eval(e, env, sizes)
-        state: dict[str, tuple[torch.Tensor, tuple[str, ...]]] = {}
+        split = next(((r, i) for r, o, i in self.c.splits if o == k), None)
+        if split is not None:
+            rank, inner = split
+            n_k, tile = sizes[k], sizes[inner]
+        else:
+            n_k = sizes[k]
+        prev: dict[str, tuple[torch.Tensor, tuple[str, ...]]] = {}
+        for e in inside:
+            if e.out in state_names:
+                other = tuple(r for r in e.ranks if _rank_base(r)[0] != k)
+                init = e.init if e.init is not None else 0.0
+                prev[e.out] = (torch.full([sizes[r] for r in other], init, dtype=self._dtype(env)), other)
         for i in range(n_k):
-            local = {name: self._slice(v, k, i) for name, v in env.items()}
-            local.update(state)
+            lsizes = dict(sizes)
+            if split is not None:
+                t0, t1 = i * tile, min((i + 1) * tile, sizes[rank])
+                lsizes[inner] = t1 - t0
+                local = {name: self._tile(v, rank, inner, t0, t1) for name, v in env.items()}
+            else:
+                local = {name: self._slice(v, k, i) for name, v in env.items()}
+            cur: dict[str, tuple[torch.Tensor, tuple[str, ...]]] = {}
             for e in inside:
-                if any(_rank_base(r)[1] for r in e.ranks):
-                    prev = state.get(e.out)
-                    other = tuple(r for r in e.ranks if _rank_base(r)[0] != k)
-                    if prev is None:
-                        shape = [sizes[r] for r in other]
-                        prev_t = torch.full(shape, e.init if e.init is not None else 0.0, dtype=self._dtype(env))
-                        local[e.out] = (prev_t, other)
-                    res = self._eval_expr(e, local, sizes, drop_rank=k)
-                    state[e.out] = local[e.out] = res
+                view = dict(local)
+                view.update(prev)                                   # state read at k: previous value
+                view.update({f"{n}@next": v for n, v in cur.items()})  # state read at k+1: this iteration's
+                res = self._eval_expr(e, view, lsizes, drop_rank=k)
+                if e.out in state_names:
+                    cur[e.out] = res
                 else:
-                    local[e.out] = self._eval_expr(e, local, sizes, drop_rank=k)
-        for name, v in state.items():
+                    local[e.out] = res
+            prev.update(cur)
+        for name, v in prev.items():
             env[name] = v
         for e in after:
-            self._eval(e, env, sizes)
-
-    def _reads_state(self, e: Einsum, inside: list[Einsum]) -> bool:
-        outs = {x.out for x in inside}
-        return any(n.op is Op.READ and n.arg[0] in outs for n in _leaves(e.expr))
+            self._eval(e, env, sizes, final_rank=k)
 
     @staticmethod
     def _slice(v, k, i):
@@ -222,6 +257,15 @@ class CascadeInterpreter:
         return v
 
     @staticmethod
+    def _tile(v, rank, inner, t0, t1):
+        t, ranks = v
+        if rank in ranks:
+            d = ranks.index(rank)
+            t = t.narrow(d, t0, t1 - t0) if t.shape[d] > 1 else t
+            return t, tuple(inner if r == rank else r for r in ranks)
+        return v
+
+    @staticmethod
     def _dtype(env):
         for t, _ in env.values():
             if t.is_floating_point():
@@ -229,31 +273,31 @@ class CascadeInterpreter:
         return torch.float64
 
     # -- one Einsum ----------------------------------------------------------------------
-    def _eval(self, e: Einsum, env, sizes):
-        env[e.out] = self._eval_expr(e, env, sizes)
+    def _eval(self, e: Einsum, env, sizes, final_rank: str | None = None):
+        env[e.out] = self._eval_expr(e, env, sizes, final_rank=final_rank)
 
-    def _eval_expr(self, e: Einsum, env, sizes, drop_rank: str | None = None):
+    def _eval_expr(self, e: Einsum, env, sizes, drop_rank: str | None = None, final_rank: str | None = None):
         out_ranks = tuple(_rank_base(r)[0] for r in e.ranks if _rank_base(r)[0] != drop_rank)
         all_ranks = out_ranks + tuple(r for r in e.over if r not in out_ranks)
-        value = self._value(e.expr, env, all_ranks, drop_rank)
+        value = self._value(e.expr, env, all_ranks, drop_rank, final_rank)
+        value = value.expand(*[sizes.get(r, 1) for r in all_ranks])
         if e.reduce is not None and e.over:
             dims = [all_ranks.index(r) for r in e.over]
-            full = [sizes.get(r, 1) for r in all_ranks]
-            value = value.expand(*full) if value.dim() == len(full) else value
             value = value.sum(dims) if e.reduce is Op.SUM else value.amax(dims)
-        else:
-            full = [sizes.get(r, 1) for r in all_ranks]
-            value = value.expand(*full) if full else value.reshape(())
         return value, out_ranks
 
-    def _value(self, n: Node, env, ranks, drop_rank):
+    def _value(self, n: Node, env, ranks, drop_rank, final_rank=None):
         if n.op is Op.READ:
             name, rr = n.arg
+            dropped = {drop_rank, final_rank, final_rank.upper() if final_rank else None} - {None}
+            if drop_rank is not None and any(_rank_base(r) == (drop_rank, 1) for r in rr):
+                name = f"{name}@next"
+                if name not in env:
+                    raise ValueError(f"{n.arg[0]}[{drop_rank}+1] is read before it is written")
             t, have = env[name]
-            want = tuple(_rank_base(r)[0] for r in rr if _rank_base(r)[0] != drop_rank)
+            want = tuple(_rank_base(r)[0] for r in rr if _rank_base(r)[0] not in dropped)
             if set(want) != set(have) and len(want) == len(have):
-                t = t  # positional rename: a tensor read under other rank names
-                have = want
+                have = want  # positional rename: a tensor read under other rank names
             perm = [have.index(r) for r in ranks if r in have]
             t = t.permute(*perm) if perm != list(range(len(perm))) else t
             shape = []
@@ -267,7 +311,7 @@ class CascadeInterpreter:
             return t.reshape(shape)
         if n.op is Op.CONST:
             return torch.tensor(n.arg, dtype=self._dtype(env))
-        vals = [self._value(s, env, ranks, drop_rank) for s in n.src]
+        vals = [self._value(s, env, ranks, drop_rank, final_rank) for s in n.src]
         return _EVAL[n.op](*vals) if n.op not in (Op.GELU,) else _gelu(vals[0], n.arg)
 
 

@@ -322,6 +322,7 @@ def _maximum(ctx, n, a, b, **k):
 lower_rules: dict[str, Callable] = {
     "add": _add, "sub": _sub, "rsub": lambda c, n, a, b, **k: _sub(c, n, b, a, **k),
     "mul": _mul, "div": _div, "neg": _ew(Op.NEG), "recip": _ew(Op.RECIP), "pow": _pow,
+    "square": lambda ctx, n, x, **k: node(Op.MUL, (x, x), None, meta_shape(n) or x.shape),  # x.square() -> x*x
     "sqrt": _ew(Op.SQRT), "rsqrt": _ew(Op.RSQRT), "exp": _ew(Op.EXP), "log": _ew(Op.LOG),
     "tanh": _ew(Op.TANH), "sigmoid": _ew(Op.SIGMOID), "silu": _silu, "gelu": _gelu,
     "maximum": _maximum, "where": _where, "masked_fill": _masked_fill,

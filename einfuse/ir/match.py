@@ -48,7 +48,8 @@ def match(pattern: Node, target: Node) -> MatchResult:
 
     def fail(p: Node, t: Node, depth: int, why: str):
         # the deepest mismatch wins; at equal depth an opaque value explains more than a constant
-        rank = (depth, 1 if t.op is Op.INPUT else 0)
+        # (an op with the wrong argument explains more still: it is the near miss itself)
+        rank = (depth, 2 if p.op is t.op else 1 if t.op is Op.INPUT else 0)
         if rank > best_rank[0]:
             best_rank[0] = rank
             best.depth, best.reason = depth, why

@@ -31,7 +31,8 @@ def rms_norm_offset_ref(x, w, eps):  # Gemma: the weight is stored as w - 1
     return (1.0 + w) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-PATTERNS = (("weight", rms_norm_ref, 0.0), ("one_plus_weight", rms_norm_offset_ref, 1.0))
+# most specific first: the plain pattern would also match Gemma's, binding w to the graph's (1 + w)
+PATTERNS = (("one_plus_weight", rms_norm_offset_ref, 1.0), ("weight", rms_norm_ref, 0.0))
 
 
 @functools.cache
@@ -85,20 +86,21 @@ def fuse_rmsnorm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         roots = [c for c in {id(c): c for c in low.of.values()}.values()
                  if c.op is Op.MUL and any(s is anchor or (s.op is Op.MUL and anchor in s.src) for s in c.src)]
         roots.sort(key=lambda c: -len(toposort(c)))
-        best_reason, fused = "", False
+        best_reason, best_depth, fused = "", -1, False
         anchor_fx = value_of(low, anchor)
         for root in roots:
             for name, pat, offset in _patterns():
                 m = match(pat, root)
                 if not m.ok:
-                    best_reason = best_reason or m.reason
+                    if m.depth > best_depth:  # the pattern that got furthest explains best
+                        best_reason, best_depth = m.reason, m.depth
                     continue
                 why = _check(m.bindings, low, shape_of)
                 x_fx, w_fx = value_of(low, m.bindings["x"]), value_of(low, m.bindings["w"])
                 if not why and (x_fx is None or w_fx is None):
                     why = "an input is not a value the graph computes"
                 if why:
-                    best_reason = why
+                    best_reason, best_depth = why, 1 << 30
                     continue
                 fused = True
                 break
