@@ -5,6 +5,9 @@
     report = einfuse.inspect(model, *example_inputs)     # offline: what was fused and why
 """
 
+import logging as _logging
+import os as _os
+
 from einfuse.api import inspect, optimize
 from einfuse.capture.backend import einfuse_backend, last_report
 from einfuse.config import OptimizeConfig
@@ -13,3 +16,19 @@ from einfuse.runtime import counters
 
 __all__ = ["optimize", "inspect", "OptimizeConfig", "Report", "Region", "einfuse_backend", "last_report", "counters"]
 __version__ = "0.1.0"
+
+
+def _configure_logging() -> None:
+    """EINFUSE_LOG=debug|info shows each pass, each match and each rejected candidate with its reason."""
+    level = _os.environ.get("EINFUSE_LOG")
+    if not level:
+        return
+    logger = _logging.getLogger("einfuse")
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        h = _logging.StreamHandler()
+        h.setFormatter(_logging.Formatter("[einfuse %(levelname)s] %(message)s"))
+        logger.addHandler(h)
+
+
+_configure_logging()
