@@ -156,7 +156,7 @@ def test_unknown_op_leaves_region_untouched_and_is_reported():
 
 def test_report_markdown_lists_passes_and_cascades():
     model = TinyLlama(TinyLlamaConfig(layers=1))
-    ids = torch.randint(0, 256, (1, 8))
+    ids = torch.randint(0, 256, (2, 8))  # batch 2: a size-1 batch dimension would carry no rank
     report = einfuse.inspect(model, ids)
     md = report.to_markdown()
     assert "| rmsnorm | 3 |" in md and "sum_h X[b,s,h] * X[b,s,h]" in md

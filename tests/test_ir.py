@@ -113,3 +113,61 @@ def test_rmsnorm_region_lowers_to_a_cascade_that_evaluates_correctly():
                                  "Y[b,s,h] = W[h] * X[b,s,h] * rsqrt(1e-06 + (0.125 * R0[b,s]))")
     y = CascadeInterpreter(c).run({"X": x, "W": w})["Y"]
     torch.testing.assert_close(y, M()(x, w))
+
+
+def _graph_of(fn, *args):
+    """A traced graph with shapes, as Dynamo would give it."""
+    from torch.fx.passes.shape_prop import ShapeProp
+    gm = fx.symbolic_trace(fn)
+    ShapeProp(gm).propagate(*args)
+    for n in gm.graph.nodes:
+        if "tensor_meta" in n.meta:
+            n.meta["val"] = torch.empty(n.meta["tensor_meta"].shape)
+    return gm
+
+
+def _region_cascade(fn, *args):
+    import einfuse.ir.lower as L
+    gm = _graph_of(fn, *args)
+    low = L.lower_graph(gm.graph)
+    out_fx = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    names = {}
+    for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        names[id(low.of[n])] = "QKVWXYZ"[i]
+    return dag_to_cascade("region", {"O": low.of[out_fx]}, names)
+
+
+def test_attention_region_lowers_to_the_three_pass_cascade_and_runs():
+    def attn(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) / 8.0, dim=-1) @ v
+    q, k, v = (torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(2, 7, 4, dtype=torch.float64),
+               torch.randn(2, 7, 3, dtype=torch.float64))
+    c = _region_cascade(attn, q, k, v)
+    text = format_cascade(c)
+    assert text == (
+        "R0[b,s,m] = sum_e K[b,m,e] * Q[b,s,e]\n"
+        "R1[b,s] = max_m 0.125 * R0[b,s,m]\n"
+        "R2[b,s,m] = exp((0.125 * R0[b,s,m]) - R1[b,s])\n"
+        "R3[b,s] = sum_m R2[b,s,m]\n"
+        "R4[b,s,h] = sum_m R2[b,s,m] * 1/R3[b,s] * V[b,m,h]\n"
+        "O[b,s,h] = R4[b,s,h]"), text
+    out = CascadeInterpreter(c).run({"Q": q, "K": k, "V": v})["O"]
+    torch.testing.assert_close(out, attn(q, k, v))
+
+
+def test_linear_einsum_and_log_softmax_regions_lower_and_run():
+    def f(x, w, y):
+        h = torch.nn.functional.linear(x, w)
+        return torch.log_softmax(torch.einsum("bij,jk->bik", h, y), dim=-1)
+    x, w, y = (torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64),
+               torch.randn(6, 4, dtype=torch.float64))
+    c = _region_cascade(f, x, w, y)
+    out = CascadeInterpreter(c).run({"Q": x, "K": w, "V": y})["O"]
+    torch.testing.assert_close(out, f(x, w, y))
+
+
+def test_a_view_that_merges_ranks_is_reported_not_lowered():
+    import pytest
+    from einfuse.ir.from_dag import NotRepresentable
+    with pytest.raises(NotRepresentable, match="splits or merges ranks"):
+        _region_cascade(lambda x: x.reshape(6, 4).exp(), torch.randn(2, 3, 4))

@@ -83,9 +83,13 @@ def format_expr(n: Node, rename=lambda s: s) -> str:
             if s.op in _INFIX and s.op is not n.op:
                 txt = f"({txt})"
             parts.append(txt)
-        if n.op is Op.ADD:  # a + (-1)*b prints as a - b
+        if n.op is Op.ADD:  # a + (-1)*b prints as a - b (positive terms first)
+            def negative(s):
+                return s.op is Op.MUL and s.src[0].op is Op.CONST and s.src[0].arg == -1.0
+            pairs = sorted(zip(n.src, parts), key=lambda p: negative(p[0]))
+            srcs, parts = [p[0] for p in pairs], [p[1] for p in pairs]
             out = parts[0]
-            for s, txt in zip(n.src[1:], parts[1:]):
+            for s, txt in zip(srcs[1:], parts[1:]):
                 if s.op is Op.MUL and s.src[0].op is Op.CONST and s.src[0].arg == -1.0:
                     out += " - " + _wrap(format_expr(node(Op.MUL, s.src[1:]) if len(s.src) > 2 else s.src[1], rename))
                 else:
@@ -280,7 +284,7 @@ class CascadeInterpreter:
         out_ranks = tuple(_rank_base(r)[0] for r in e.ranks if _rank_base(r)[0] != drop_rank)
         all_ranks = out_ranks + tuple(r for r in e.over if r not in out_ranks)
         value = self._value(e.expr, env, all_ranks, drop_rank, final_rank)
-        value = value.expand(*[sizes.get(r, 1) for r in all_ranks])
+        value = value.expand(tuple(sizes.get(r, 1) for r in all_ranks))
         if e.reduce is not None and e.over:
             dims = [all_ranks.index(r) for r in e.over]
             value = value.sum(dims) if e.reduce is Op.SUM else value.amax(dims)

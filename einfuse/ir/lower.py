@@ -205,6 +205,15 @@ def _matmul(ctx, n, a, b, **k):
     return node(Op.MATMUL, (a, b), None, meta_shape(n))
 
 
+def _einsum(ctx, n, eq, *operands, **k):
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    eq = eq.replace(" ", "")
+    if "->" not in eq or "." in eq or not all(isinstance(o, Node) for o in operands):
+        raise LoweringError("einsum needs an explicit '->' and no ellipsis")
+    return node(Op.EINSUM, tuple(operands), eq, meta_shape(n))
+
+
 def _linear(ctx, n, x, w, b=None, **k):
     b = k.get("bias", b)
     srcs = (x, w) if b is None or (isinstance(b, Node) and b.op is Op.CONST and b.arg is None) else (x, w, b)
@@ -329,7 +338,7 @@ lower_rules: dict[str, Callable] = {
     "sum": _reduce(Op.SUM), "mean": _mean, "amax": _amax,
     "to": _cast, "to_float": _cast, "to_half": _cast, "to_bfloat16": _cast, "identity": _identity,
     "softmax": _softmax(Op.SOFTMAX), "log_softmax": _softmax(Op.LOG_SOFTMAX),
-    "matmul": _matmul, "linear": _linear, "transpose": _transpose, "t": _t,
+    "matmul": _matmul, "linear": _linear, "einsum": _einsum, "transpose": _transpose, "t": _t,
     "reshape": _reshape, "expand": _expand, "getitem": _getitem, "unsqueeze": _unsqueeze,
     "cat": _cat, "concat": _cat, "dropout": _dropout,
     "view_as_complex": _view_as(Op.COMPLEX), "view_as_real": _view_as(Op.REAL),
@@ -389,7 +398,7 @@ def lower_graph(graph: fx.Graph, pattern: bool = False) -> Lowered:
             kwargs = _to_node(dict(n.kwargs), env, ctx)
             if name in _SCALAR_OPERANDS:  # python numbers in arithmetic are constants
                 args = [_wrap_scalar(a) for a in args]
-            elif not args or not isinstance(args[0], Node) and name not in ("cat", "concat"):
+            elif not args or not isinstance(args[0], Node) and name not in ("cat", "concat", "einsum"):
                 raise LoweringError(f"'{name}' on a non-tensor")
             raw[n] = env[n] = rule(ctx, n, *args, **kwargs)
         except (LoweringError, TypeError, ValueError, IndexError) as e:

@@ -49,6 +49,7 @@ class Op(Enum):
     # structure (DAG only; cascades express these as rank renamings)
     MATMUL = auto()    # torch.matmul semantics
     LINEAR = auto()    # x @ w.T (+ b); src = (x, w) or (x, w, b)
+    EINSUM = auto()    # torch.einsum; arg = equation (no spaces, explicit "->")
     TRANSPOSE = auto() # arg = (d0, d1) as negative ints
     RESHAPE = auto()   # view/reshape; arg = target shape
     EXPAND = auto()    # arg = target shape
