@@ -30,7 +30,8 @@ class RuleTable:
 
 def graph_rewrite(roots: list[Node], table: RuleTable, max_steps: int = 100_000) -> list[Node]:
     """Rewrite every node reachable from roots to a fixed point; return the new roots."""
-    memo: dict[int, Node] = {}
+    # id -> (node, rewritten): holding the node keeps its id from being recycled by a new node
+    memo: dict[int, tuple[Node, Node]] = {}
     steps = 0
 
     def rewrite_one(n: Node) -> Node:
@@ -52,9 +53,9 @@ def graph_rewrite(roots: list[Node], table: RuleTable, max_steps: int = 100_000)
         for m in toposort(n):
             if id(m) in memo:
                 continue
-            src = tuple(memo.get(id(s), s) for s in m.src)
+            src = tuple(memo[id(s)][1] if id(s) in memo else s for s in m.src)
             base = m if src == m.src else node(m.op, src, m.arg, m.shape)
-            memo[id(m)] = rewrite_one(base)
-        return memo[id(n)]
+            memo[id(m)] = (m, rewrite_one(base))
+        return memo[id(n)][1]
 
     return [rebuild(r) for r in roots]

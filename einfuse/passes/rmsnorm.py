@@ -87,7 +87,9 @@ def fuse_rmsnorm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                  if c.op is Op.MUL and any(s is anchor or (s.op is Op.MUL and anchor in s.src) for s in c.src)]
         roots.sort(key=lambda c: -len(toposort(c)))
         best_reason, best_depth, fused = "", -1, False
-        anchor_fx = value_of(low, anchor)
+        # 1/sqrt(v) has no FX node of its own once canonicalised to rsqrt: name the smallest product instead
+        anchor_fx = value_of(low, anchor) or next(
+            (value_of(low, r) for r in reversed(roots) if value_of(low, r) is not None), None)
         for root in roots:
             for name, pat, offset in _patterns():
                 m = match(pat, root)
