@@ -21,8 +21,8 @@ one batched matmul against the un-expanded K tile, and the backward's sums over 
 fall out of the same matmuls. All softmax state is fp32 (fp64 for fp64 inputs).
 
 Where ATen's fused CPU kernel ``aten::_scaled_dot_product_flash_attention_for_cpu`` has exactly
-these semantics it is used instead (it is the same online-softmax algorithm in C++,
-multi-threaded, GQA-aware; several times faster than the Python tile loop): no softcap, no
+these semantics its forward is used instead (the same online-softmax algorithm in C++,
+GQA-aware; ~1.5x faster than the tile loop at B=1, H=9, S=T=1024, D=64): no softcap, no
 window, causal only when S == T or S == 1 (ATen aligns causal to the top-left), D == Dv,
 equal q/k/v dtypes, mask None / bool / float of q's dtype, and -- in the default
 fully-masked-row mode -- no row whose mask is all -inf (ATen returns zeros there, eager
@@ -30,13 +30,25 @@ softmax NaN). Set ``USE_NATIVE = False`` to force the tiled path.
 
 Fully masked rows (every score -inf): default mode gives NaN like eager ``torch.softmax``
 (an HF additive mask with ``finfo.min`` is finite, so those rows get eager's uniform-like
-weights in both modes); ``sdpa_masked_rows=True`` gives zeros and zero gradient, like
-``F.scaled_dot_product_attention`` on CPU. ``lse`` is -inf on such rows in both modes.
+weights in both modes); ``sdpa_masked_rows=True`` gives zeros, like
+``F.scaled_dot_product_attention`` on CPU. ``lse`` is -inf on such rows; they add no gradient.
 
-Saved for backward: q, k, v, out, lse (per-row, fp32) and the mask -- O(S*D + T*D) memory,
-no probabilities. Backward recomputes P = exp(s - lse) tile by tile and uses
-dS = P * (dP - rowsum(dO * O) + dlse) (with the softcap factor 1 - tanh^2), accumulating
-dQ per query tile and dK, dV (fp32 buffers the size of k, v) across query tiles.
+Saved for backward: q, k, v, out, lse (per row, fp32) and the mask: O((S + T) * D) memory,
+no probabilities. The tiled backward recomputes the probabilities tile by tile, using lse as
+the shift: x = exp(s - lse). It does not trust the saved statistics to the last bit, though:
+per query tile it sums, in fp64, c = sum_j x and u = sum_j x * dP (dP = dO V^T), and uses
+P = x / c, delta = u / c (- dlse), dS = P * (dP - delta) (times 1 - tanh^2 under softcap),
+with delta applied as an fp32 hi + lo pair; then dQ += dS K * scale per query tile,
+dK += dS^T Q * scale and dV += P^T dO into fp32 buffers the size of k and v. The textbook
+form (P = exp(s - lse), delta = rowsum(dO * O)) is equal in exact arithmetic, but lse's and
+O's fp32 rounding does not cancel in dP - delta on saturated (near one-hot) rows: measured
+10-30x eager's dq/dk error at logits ~1e3, where this form matches or beats eager. When a
+query tile's keys fit one tile under ``MAX_TILE_ELEMS`` (the backward widens its key tiles up
+to that) the statistics come from the same tiles; otherwise one extra pass of 2 matmuls per
+tile computes them. ATen's backward (the textbook form) is used only when grad_lse is unused
+and every finite |lse| <= ``NATIVE_BWD_MAX_LSE``: it is inaccurate at large logits and plainly
+wrong on HF ``finfo.min``-masked rows (lse ~ -3.4e38 makes exp(s - lse) = 1 for every key;
+checked in torch 2.13).
 """
 
 from __future__ import annotations
@@ -53,9 +65,10 @@ __all__ = ["attention", "attention_op", "attention_backward_op"]
 # Tile sizes of the Python online-softmax path (module constants so tests can shrink them).
 BLOCK_Q = 256  # query positions per tile (per head)
 BLOCK_K = 512  # keys per tile
-MAX_TILE_ELEMS = 1 << 23  # cap on B * Hq * block_q * block_k (32 MiB of fp32 scores)
-MIN_BLOCK_Q = 16
+MAX_TILE_ELEMS = 1 << 22  # cap on B * Hq * block_q * block_k (16 MiB of fp32 scores)
+MIN_BLOCK_Q = 16  # below this many query rows per tile, the cap gives way
 USE_NATIVE = True  # use ATen's fused CPU kernel where semantics match exactly
+NATIVE_BWD_MAX_LSE = 64.0  # ATen's backward only when every finite |lse| is at most this
 
 _NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _NEG_INF = float("-inf")
@@ -114,7 +127,7 @@ def _block_q(rows_per_pos: int, S: int, bk: int) -> int:
 class _Tiles:
     """Shared tile machinery of forward and backward: folded q tiles and masked score tiles."""
 
-    def __init__(self, q, k, v, mask, scale, is_causal, window, softcap):
+    def __init__(self, q, k, v, mask, scale, is_causal, window, softcap, wide_keys=False):
         self.B, self.Hq, self.S, self.D = q.shape
         self.Hkv, self.T, self.Dv = k.shape[1], k.shape[2], v.shape[3]
         self.G = self.Hq // self.Hkv
@@ -124,8 +137,12 @@ class _Tiles:
         self.m5 = _mask5(mask, self.Hkv, self.G)
         self.scale, self.is_causal, self.window, self.softcap = scale, is_causal, window, softcap
         self.off = self.T - self.S
-        self.bk = max(1, min(BLOCK_K, max(1, self.T)))
-        self.bq = _block_q(self.B * self.Hq, self.S, self.bk)
+        rows = self.B * self.Hq
+        self.bk = max(1, min(BLOCK_K, self.T))
+        fits = MAX_TILE_ELEMS // max(1, rows * self.T) >= min(self.S, MIN_BLOCK_Q)
+        if wide_keys and self.T > self.bk and fits:
+            self.bk = self.T  # one key tile per query tile still fits the cap: no second pass
+        self.bq = _block_q(rows, self.S, self.bk)
 
     def rows(self, x5: Tensor, i0: int, i1: int) -> Tensor:
         """[B, Hkv, G, S, *] -> fp32 [B, Hkv, G*(i1-i0), *] (query-tile rows, group folded)."""
@@ -207,68 +224,53 @@ def _forward_tiled(q, k, v, mask, scale, is_causal, window, softcap, sdpa_masked
     return out, lse
 
 
-def _backward_tiled(dout, dlse, q, k, v, mask, scale, is_causal, window, softcap):
-    """dq, dk, dv by recomputation; the saved out/lse are deliberately not used (see below)."""
-    t = _Tiles(q, k, v, mask, scale, is_causal, window, softcap)
+def _backward_tiled(dout, dlse, q, k, v, lse, mask, scale, is_causal, window, softcap):
+    t = _Tiles(q, k, v, mask, scale, is_causal, window, softcap, wide_keys=True)
     B, Hkv, G, S, D = t.B, t.Hkv, t.G, t.S, t.D
     dq = q.new_empty(q.shape)
     dk = torch.zeros(k.shape, dtype=t.acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=t.acc, device=v.device)
     dq5 = dq.view(B, Hkv, G, S, D)
     do5 = dout.unflatten(1, (Hkv, G))
+    # lse is only the shift of exp(); fully masked rows (-inf) get 0, so their P is exp(-inf) = 0
+    lse5 = lse.masked_fill(torch.isinf(lse), 0.0).to(t.acc).unflatten(1, (Hkv, G))
     dlse5 = None if dlse is None else dlse.unflatten(1, (Hkv, G))
 
-    def tile(qt, dot, i0, i1, j0, j1):
+    def tile(qt, dot, lse_t, i0, i1, j0, j1):
         s, th = t.scores(qt, i0, i1, j0, j1)
+        x = s.sub_(lse_t).exp_()  # exp(s - lse): P up to the row factor c (~1, see below)
         vt = t.v[:, :, j0:j1].to(t.acc)
-        return s, th, torch.matmul(dot, vt.transpose(-1, -2))  # scores, tanh, dP = dO V^T
+        return x, th, torch.matmul(dot, vt.transpose(-1, -2))  # dP = dO V^T
 
     for i0, i1, ktiles in t.query_tiles():
         sq = i1 - i0
         qt = t.rows(t.q5, i0, i1) * scale
         dot = t.rows(do5, i0, i1)
-        # Row statistics, recomputed as eager's softmax backward computes them:
-        #   m = max_j s,  c = sum_j exp(s - m),  P = exp(s - m) / c,  delta = sum_j P dP.
-        # The textbook P = exp(s - lse) with delta = rowsum(dO * O) is equal in exact
-        # arithmetic, but lse's and O's fp32 rounding then does not cancel in dP - delta for
-        # saturated (near one-hot) rows: measured 10-30x eager's dq/dk error at large logits.
-        # Cost: with one key tile per query tile, nothing (the tile is reused); otherwise one
-        # online pass (running m, c, u = sum exp(s - m) dP) of 2 matmuls per tile.
-        shape = qt.shape[:-1]
-        m = qt.new_full(shape, _NEG_INF)
-        c, u = qt.new_zeros(shape), qt.new_zeros(shape)
-        cached = None
+        lse_t = t.rows(lse5, i0, i1).unsqueeze(-1)
+        # Row statistics from the recomputed tiles, in fp64 (see the module docstring):
+        #   c = sum_j x_j,  delta = sum_j x_j dP_j / c (- dlse),  P = x / c,  dS = P (dP - delta).
+        cached = [tile(qt, dot, lse_t, i0, i1, *ktiles[0])] if len(ktiles) == 1 else None
+        c = qt.new_zeros(qt.shape[:-1], dtype=torch.float64)
+        u = torch.zeros_like(c)
         for j0, j1 in ktiles:
-            s, th, dp = tile(qt, dot, i0, i1, j0, j1)
-            m_new = torch.maximum(m, s.amax(-1))
-            m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)
-            corr = torch.exp(m - m_safe)
-            x = s.sub_(m_safe.unsqueeze(-1)).exp_()
-            c = torch.addcmul(x.sum(-1), c, corr)
-            m = m_new
-            if len(ktiles) == 1:
-                cached = (x, th, dp)
-            else:
-                u = torch.addcmul((x * dp).sum(-1), u, corr)
-        m_safe = m.masked_fill(m == _NEG_INF, 0.0).unsqueeze(-1)
-        # fully masked rows (c = 0): eager gives NaN (0/0), SDPA gives 0; their output was
-        # made NaN or 0 in forward and P = 0 here, so they add no gradient in either mode.
-        inv_c = c.masked_fill(c == 0, 1.0).reciprocal_().unsqueeze(-1)
-        if cached is not None:
-            x, th, dp = cached
-            p = x.mul_(inv_c)
-            delta = (p * dp).sum(-1, keepdim=True)
-        else:
-            delta = u.unsqueeze(-1) * inv_c
+            x, _, dp = cached[0] if cached else tile(qt, dot, lse_t, i0, i1, j0, j1)
+            c += x.sum(-1, dtype=torch.float64)
+            u += x.double().mul_(dp).sum(-1)  # products of fp32 values are exact in fp64
+        delta = u / c.masked_fill(c == 0, 1.0)
         if dlse5 is not None:  # d lse / d s = P: folds into the same row term
-            delta = delta - t.rows(dlse5, i0, i1).unsqueeze(-1)
+            delta -= t.rows(dlse5, i0, i1).double()
+        d_hi = delta.to(t.acc)
+        d_lo = (delta - d_hi.double()).to(t.acc).unsqueeze(-1)
+        d_hi = d_hi.unsqueeze(-1)
+        inv_c = c.masked_fill(c == 0, 1.0).reciprocal_().to(t.acc).unsqueeze(-1)
         dqt = qt.new_zeros(qt.shape)
         for j0, j1 in ktiles:
-            if cached is None:
-                s, th, dp = tile(qt, dot, i0, i1, j0, j1)
-                p = s.sub_(m_safe).exp_().mul_(inv_c)
+            x, th, dp = cached[0] if cached else tile(qt, dot, lse_t, i0, i1, j0, j1)
+            p = x * inv_c
             dv[:, :, j0:j1] += torch.matmul(p.transpose(-1, -2), dot)
-            ds = dp.sub_(delta).mul_(p)  # dS = P * (dP - delta)
+            # (dP - hi) is exact where it cancels (Sterbenz), then lo: dS keeps full relative
+            # precision even for saturated rows, where dP ~ delta.
+            ds = dp.sub_(d_hi).sub_(d_lo).mul_(p)
             if th is not None:  # d/ds [c * tanh(s / c)] = 1 - tanh^2
                 ds.mul_(th.square_().neg_().add_(1.0))
             kt = t.k[:, :, j0:j1].to(t.acc)
@@ -320,9 +322,22 @@ def _forward_native(q, k, v, plan, scale):
     return out.contiguous(), lse.contiguous()
 
 
+def _native_backward_ok(lse: Tensor) -> bool:
+    """ATen's backward uses P = exp(s - lse) and rowsum(dO * O); accurate only for moderate lse.
+
+    The fp32 rounding of lse is a per-row error in every P (ulp(64) = 7.6e-6), and with
+    saturated rows it is amplified into dq/dk (measured: 30x eager's error at logits ~1e3).
+    HF finfo.min-masked rows have lse ~ -3.4e38, where exp(s - lse) = 1 for every key and
+    ATen's gradients are plainly wrong (checked in torch 2.13). Rows with lse = -inf (fully
+    masked, sdpa mode) are fine.
+    """
+    finite = lse.masked_fill(torch.isinf(lse), 0.0)
+    return lse.numel() == 0 or float(finite.abs().amax()) <= NATIVE_BWD_MAX_LSE
+
+
 def _backward_native(dout, q, k, v, out, lse, plan, scale):
     mask, causal, _ = plan
-    lse = lse.masked_fill(lse == _NEG_INF, 0.0).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse = lse.masked_fill(lse == _NEG_INF, 0.0).to(_acc_dtype(q.dtype))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout.contiguous(), q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
     )
@@ -379,11 +394,11 @@ def attention_backward_op(
     """Returns (dq, dk, dv) shaped and typed like q, k, v (contiguous)."""
     counters.bump("attention_backward")
     plan = None
-    if grad_lse is None:  # ATen's backward has no lse-gradient input
+    if grad_lse is None and _native_backward_ok(lse):  # ATen's backward has no lse-gradient input
         plan = _native_plan(q, k, v, mask, is_causal, window, softcap, sdpa_masked_rows)
     if plan is not None:
         return _backward_native(grad_out, q, k, v, out, lse, plan, scale)
-    return _backward_tiled(grad_out, grad_lse, q, k, v, mask, scale, is_causal, window, softcap)
+    return _backward_tiled(grad_out, grad_lse, q, k, v, lse, mask, scale, is_causal, window, softcap)
 
 
 @attention_backward_op.register_fake
