@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any
+import hashlib
 import weakref
 
 
@@ -105,6 +106,8 @@ def node(op: Op, src: tuple[Node, ...] = (), arg: Any = None, shape: tuple | Non
     if hit is not None and hit.src == src:
         return hit
     key = f"{op.name}({repr(arg)}|{','.join(s.key for s in src)})"
+    if len(key) > 200:  # shared sub-DAGs would make keys grow exponentially with depth: hash long ones
+        key = f"{op.name}#{hashlib.sha256(key.encode()).hexdigest()[:24]}"
     n = Node(op, tuple(src), arg, shape, key)
     _cache[ident] = n
     return n

@@ -10,12 +10,14 @@ import logging
 
 import torch.fx as fx
 
+from .attention import fuse_attention
 from .base import PassContext
 from .rmsnorm import fuse_rmsnorm
 
 log = logging.getLogger("einfuse")
 
 PIPELINE = [
+    ("attention", fuse_attention),             # softmax(q @ k^T * scale + mask) @ v, SDPA -> einfuse::attention
     ("rmsnorm", fuse_rmsnorm),                 # x * rsqrt(mean(x^2) + eps) * w -> einfuse::rms_norm
 ]
 PASS_NAMES = tuple(name for name, _ in PIPELINE)
