@@ -43,6 +43,12 @@ class Report:
     passes: list[PassRecord] = field(default_factory=list)
     graphs: int = 0
     notes: list[str] = field(default_factory=list)
+    # filled by the backend (einfuse.analysis.report_hooks): einfuse.analysis.Cost before and
+    # after the passes (sympy flops, matmul_flops, bytes_moved, peak_bytes; evaluate(**sizes)),
+    # and region id -> rank -> PassCount(unfused, fused)
+    cost_before: Any = None
+    cost_after: Any = None
+    pass_counts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def fusions(self) -> dict[str, int]:
@@ -51,6 +57,12 @@ class Report:
             if r.fused:
                 counts[r.kind] = counts.get(r.kind, 0) + 1
         return counts
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        """Fusion kind -> Triton source generated from a fused region's cascade (einfuse.codegen)."""
+        from einfuse.codegen import report_kernels
+        return report_kernels(self.regions)
 
     @property
     def unfused(self) -> list[Region]:
@@ -85,6 +97,9 @@ class Report:
                     seen.add(key)
                     lines += ["", f"{label}:", "```", str(c), "```"]
                 lines.append("")
+        if self.cost_before is not None or self.pass_counts:
+            from einfuse.analysis.report_hooks import markdown as cost_markdown
+            lines += cost_markdown(self)
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"

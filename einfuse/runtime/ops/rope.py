@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from einfuse.runtime import counters
+from einfuse.runtime import counters, dispatch
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -133,6 +133,9 @@ def _apply(x: Tensor, c4: Tensor, s4: Tensor, interleaved: bool, inverse: bool) 
 def rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
     _check(q, k, cos, sin, interleaved)
     counters.bump("rope")
+    out = dispatch.try_triton("rope_forward", q, k, cos, sin, interleaved)  # CUDA: generated kernel
+    if out is not None:
+        return out
     c4, s4 = _cs4(cos), _cs4(sin)
     return _apply(q, c4, s4, interleaved, False), _apply(k, c4, s4, interleaved, False)
 
@@ -149,6 +152,9 @@ def _(q, k, cos, sin, interleaved):
 def rope_backward_op(
     grad_q: Tensor, grad_k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool
 ) -> tuple[Tensor, Tensor]:
+    out = dispatch.try_triton("rope_backward", grad_q, grad_k, cos, sin, interleaved)
+    if out is not None:
+        return out
     c4, s4 = _cs4(cos), _cs4(sin)
     return _apply(grad_q, c4, s4, interleaved, True), _apply(grad_k, c4, s4, interleaved, True)
 

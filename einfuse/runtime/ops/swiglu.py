@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from einfuse.runtime import counters
+from einfuse.runtime import counters, dispatch
 
 _ACTS = ("silu", "gelu", "gelu_tanh")
 _LOW = (torch.bfloat16, torch.float16)
@@ -94,6 +94,9 @@ def _check_glu(gate: Tensor, up: Tensor, act: str) -> None:
 def glu_op(gate: Tensor, up: Tensor, act: str) -> Tensor:
     _check_glu(gate, up, act)
     counters.bump("swiglu")
+    out = dispatch.try_triton("glu_forward", gate, up, act)  # CUDA: generated kernel
+    if out is not None:
+        return out
     return _glu_fwd(gate, up, act)
 
 
@@ -105,6 +108,9 @@ def _(gate: Tensor, up: Tensor, act: str) -> Tensor:
 
 @torch.library.custom_op("einfuse::glu_backward", mutates_args=())
 def glu_backward_op(grad: Tensor, gate: Tensor, up: Tensor, act: str) -> tuple[Tensor, Tensor]:
+    out = dispatch.try_triton("glu_backward", grad, gate, up, act)
+    if out is not None:
+        return out
     dt = gate.dtype
     gc, uc, grc = _opmath(gate), _opmath(up), _opmath(grad)
     d_up = _act(gc, act).mul_(grc)  # act(gate) * grad  (fresh buffer)
@@ -185,7 +191,7 @@ def glu_mlp_op(
     x2 = x.reshape(-1, x.shape[-1])
     g = _linear2d(x2, w_gate, b_gate)
     u = _linear2d(x2, w_up, b_up)
-    h = _glu_fwd(g, u, act)
+    h = dispatch.run("glu_forward", _glu_fwd, g, u, act)  # the elementwise part: generated kernel on CUDA
     out = _linear2d(h, w_down, b_down)
     del h
     inter = w_gate.shape[0]
