@@ -247,27 +247,32 @@ def glu_mlp_backward_op(
     if need_x or need_wg or need_wu or need_bg or need_bu:
         dh = torch.mm(go, w_down)  # [N, I], fresh
         if low:
+            # keep dg/du in fp32 through the weight-gradient matmuls and round once at the end:
+            # rounding them to bf16 first adds an error eager does not have (and fp32 GEMM is
+            # no slower than bf16 on most CPUs)
             dhc = dh.float()
-            du = (dhc * a).to(dt)
+            du = dhc * a
             del a, h
             dhc.mul_(uc)
-            dg = _act_bwd(dhc, gc, act, out=dhc).to(dt)
+            dg = _act_bwd(dhc, gc, act, out=dhc)
             del dhc
+            x2 = x2.float()
+            w_gate, w_up = w_gate.float(), w_up.float()
         else:
             du = torch.mul(dh, a, out=h) if h is not None else dh * a
             dh.mul_(u2)
             dg = _act_bwd(dh, g2, act, out=a)  # a is dead: reuse its buffer
         del dh
         if need_x:
-            dx = torch.mm(dg, w_gate).addmm_(du, w_up).view(x.shape)
+            dx = torch.mm(dg, w_gate).addmm_(du, w_up).view(x.shape).to(dt)
         if need_wg:
-            dwg = torch.mm(dg.t(), x2)
+            dwg = torch.mm(dg.t(), x2).to(dt)
         if need_wu:
-            dwu = torch.mm(du.t(), x2)
+            dwu = torch.mm(du.t(), x2).to(dt)
         if need_bg:
-            dbg = dg.sum(0)
+            dbg = dg.sum(0).to(dt)
         if need_bu:
-            dbu = du.sum(0)
+            dbu = du.sum(0).to(dt)
     return dx, dwg, dwu, dwd, dbg, dbu, dbd
 
 
