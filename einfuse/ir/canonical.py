@@ -177,6 +177,17 @@ def complex_of_real(n: Node) -> Node | None:
     return x.src[0] if x.op is Op.REAL else None  # view_as_complex(view_as_real(z)) -> z
 
 
+def drop_empty_cat_operands(n: Node) -> Node | None:
+    """cat(x, x[..., D:]) with an empty operand -> x (Phi-3's pass-through part at full rotary)."""
+    d = n.arg
+    if not isinstance(d, int) or d >= 0:
+        return None
+    keep = [s for s in n.src if not (s.shape is not None and len(s.shape) >= -d and s.shape[d] == 0)]
+    if len(keep) == len(n.src) or not keep:
+        return None
+    return keep[0] if len(keep) == 1 else node(Op.CAT, tuple(keep), d, n.shape)
+
+
 def sigmoid_from_exp(n: Node) -> Node | None:
     """1/(1 + exp(-x)) -> sigmoid(x)."""
     (d,) = n.src
@@ -205,6 +216,7 @@ canonical_rules = RuleTable([
     (Op.REAL, real_rules),              # view_as_real(view_as_complex(a) * f) -> real two-component form
     (Op.COMPLEX, complex_of_real),      # view_as_complex(view_as_real(z)) -> z
     (Op.RECIP, sigmoid_from_exp),       # 1/(1 + exp(-x)) -> sigmoid(x)
+    (Op.CAT, drop_empty_cat_operands),  # cat(x, <empty>) -> x
 ] + [(op, fold_unary_const) for op in (Op.SQRT, Op.EXP, Op.TANH, Op.RSQRT, Op.LOG)],  # f(c) -> c'
     name="canonical")
 

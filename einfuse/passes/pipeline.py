@@ -13,12 +13,18 @@ import torch.fx as fx
 from .attention import fuse_attention
 from .base import PassContext
 from .rmsnorm import fuse_rmsnorm
+from .rope import fuse_rope
+from .swiglu import fuse_swiglu
+from .linear_cross_entropy import fuse_linear_cross_entropy
 
 log = logging.getLogger("einfuse")
 
 PIPELINE = [
     ("attention", fuse_attention),             # softmax(q @ k^T * scale + mask) @ v, SDPA -> einfuse::attention
+    ("rope", fuse_rope),                       # x*cos + rotate_half(x)*sin (q and k) -> einfuse::rope
     ("rmsnorm", fuse_rmsnorm),                 # x * rsqrt(mean(x^2) + eps) * w -> einfuse::rms_norm
+    ("swiglu", fuse_swiglu),                   # act(gate(x)) * up(x) [-> down] -> einfuse::glu_mlp / glu
+    ("linear_cross_entropy", fuse_linear_cross_entropy),  # lm_head + cross-entropy -> logit-free loss
 ]
 PASS_NAMES = tuple(name for name, _ in PIPELINE)
 

@@ -8,31 +8,35 @@ Algorithm (CPU implementation, used for every device for now)
 -------------------------------------------------------------
 The [N, V] logits are never materialised. Rows with an ignored label are dropped
 up front (they cost nothing), then the remaining tokens are walked in chunks of
-``C`` rows, ``C`` chosen so one fp32 [C, V] chunk is at most ``CHUNK_BYTES`` (32 MiB):
+``C`` rows, ``C`` chosen so one fp32 [C, V] chunk is at most ``CHUNK_BYTES`` (48 MiB;
+256 tokens at V=49152):
 
-1. ``torch.addmm`` writes the chunk's logits into one preallocated fp32 buffer
-   (softcap: ``tanh`` in place, 1 - tanh**2 kept in a second buffer for the gradient).
+1. One fp32 matmul (oneDNN linear, else ``torch.addmm``) produces the chunk's logits
+   (softcap: ``tanh`` in place, its derivative 1/cosh**2 kept in a second buffer
+   for the gradient).
 2. The target logit is gathered, then the native row-wise softmax kernel turns the
    buffer into probabilities P *in place* (one cache-friendly pass per row).
    The per-row loss is ``-log P[y]``; ``lse = x[y] + loss``.  Where ``P[y]`` is too
    small to be represented accurately (loss > ~69, e.g. huge logits) the lse of
    just those rows is recomputed exactly with ``logsumexp`` on re-evaluated logits.
 3. Because the loss is the end of the graph, the gradients are produced right
-   here, chunk by chunk (only when an input requires grad), with the one-hot term
-   factored out of the big buffer so it is never touched again:
-       dL/dx = a * P - w * onehot(y)        (a = w * (1 + 2 z_loss lse), w = 1/n or 1)
-       grad_hidden[rows] = a * (P @ W) - w * W[y]
-       grad_weight      += P.T @ (a * h) - index_add(y, w * h)
-       grad_bias        += P.T @ a      - index_add(y, w)
-   (with softcap the chain-rule factor 1 - tanh**2 is applied to the buffer).
+   here, chunk by chunk (only when an input requires grad).  With w the row's loss
+   weight (1/n_valid for "mean", 1 for "sum") and a = w * (1 + 2 z_loss lse):
+       dL/dx = a * G,   G = P - (w/a) * onehot(y)    (G *= 1/cosh**2 with softcap)
+   The one-hot term touches only the C target entries of the buffer (as in eager,
+   so p_y - 1 keeps its accuracy), and the row scale a is applied to the small
+   [C, H] operands, never to the [C, V] buffer:
+       grad_hidden[rows] = a * (G @ W)
+       grad_weight      += G.T @ (a * h)
+       grad_bias        += G.T @ a
    Accumulation is in fp32 regardless of the input dtype (bf16 inputs are computed
    in fp32 throughout).
 
 Saved for backward: the three fp32 gradients (grad_hidden [N, H], grad_weight
 [V, H], grad_bias [V]) - never logits, probabilities or log-probabilities.  The
-backward only scales them by the incoming scalar grad_output (like Liger-Kernel);
-they are a few hundred KB..MB, the same size as the parameters, versus N*V*4
-bytes for the logits.  Nothing is computed or saved for gradients when no input
+backward only scales them by the incoming scalar grad_output (like Liger-Kernel).
+They are the size of the inputs (e.g. 113 MB for a 49152 x 576 lm_head), versus
+N*V*4 bytes for the logits (805 MB at N=4096).  Nothing is computed or saved for gradients when no input
 requires grad (inference / ``torch.no_grad``).
 
 ``return_logits=True`` additionally returns the (soft-capped) logits in the input
@@ -58,7 +62,7 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_op", "CHUNK_BYTES"]
 
 # Upper bound on the size of one fp32 chunk of logits. Read at call time, so tests
 # can monkeypatch it to force many chunks.
-CHUNK_BYTES: int = 32 * 2**20
+CHUNK_BYTES: int = 48 * 2**20
 
 # Rows whose target probability falls below this get their lse recomputed exactly
 # (below it, fp32 -log(p) loses accuracy / underflows).
@@ -91,18 +95,40 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional
         raise ValueError(f"linear_cross_entropy: labels must be int64, got {labels.dtype}")
 
 
-def _logits_into(out: Tensor, h: Tensor, w_t: Tensor, b: Optional[Tensor], softcap: float, dcap: Optional[Tensor]) -> None:
-    """out <- (softcapped) h @ w_t + b in fp32; dcap <- 1 - tanh**2 if given."""
-    if b is None:
-        torch.mm(h, w_t, out=out)
-    else:
-        torch.addmm(b, h, w_t, out=out)
+def _has_onednn_linear() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except Exception:  # pragma: no cover - builds without oneDNN
+        return False
+
+
+# oneDNN's fp32 linear runs the two [C, H] x [H, V] / [C, V] x [V, H] products ~25%
+# faster than the MKL sgemm behind torch.mm on the CPUs we measured (full fp32, no
+# reduced-precision math mode); torch.mm is the fallback. Monkeypatchable for tests.
+_USE_ONEDNN: bool = _has_onednn_linear()
+
+
+def _mm_nt(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """a @ b.T (+ bias) as a new fp32 tensor; b may be a transposed view."""
+    if (_USE_ONEDNN and a.device.type == "cpu" and a.dtype == torch.float32 and b.dtype == torch.float32
+            and a.is_contiguous() and (b.stride(1) == 1 or b.stride(0) == 1) and a.numel() and b.numel()
+            and (bias is None or bias.is_contiguous())):
+        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return torch.mm(a, b.t()) if bias is None else torch.addmm(bias, a, b.t())
+
+
+def _chunk_logits(h: Tensor, w: Tensor, b: Optional[Tensor], softcap: float, dcap: Optional[Tensor]) -> Tensor:
+    """(softcapped) h @ w.T + b as a new fp32 [c, V] tensor; dcap <- d cap / d logit if given."""
+    out = _mm_nt(h, w, b)
     if softcap > 0.0:
-        out.mul_(1.0 / softcap).tanh_()
+        out.div_(softcap)
         if dcap is not None:
-            torch.mul(out, out, out=dcap)
-            dcap.neg_().add_(1.0)
-        out.mul_(softcap)
+            # d/du tanh(u) = 1 / cosh(u)**2, accurate even where tanh saturates
+            # (1 - tanh**2 would cancel catastrophically there); overflow gives 0.
+            torch.cosh(out, out=dcap)
+            dcap.square_().reciprocal_()
+        out.tanh_().mul_(softcap)
+    return out
 
 
 @torch.library.custom_op("einfuse::linear_cross_entropy", mutates_args=())
@@ -146,7 +172,6 @@ def linear_cross_entropy_op(
     # fp32 views/copies of the operands (no copy for fp32 inputs).
     w32 = weight if weight.dtype == f32 else weight.to(f32)
     b32 = None if bias is None else (bias if bias.dtype == f32 else bias.to(f32))
-    w_t = w32.t()
 
     # Rows to process. Ignored rows are dropped (they neither count nor get gradient)
     # unless the caller wants every row's logits.
@@ -178,13 +203,14 @@ def linear_cross_entropy_op(
 
     row_loss = torch.empty((m,), dtype=f32, device=dev)
     c_rows = _chunk_rows(m, v)
-    buf = torch.empty((c_rows, v), dtype=f32, device=dev) if m > 0 else None
     dcap_buf = torch.empty((c_rows, v), dtype=f32, device=dev) if (m > 0 and softcap > 0.0 and need_grad) else None
+    if need_grad:
+        ones = torch.ones((c_rows,), dtype=f32, device=dev)
+        neg_ones = torch.full((c_rows, 1), -1.0, dtype=f32, device=dev)
 
     for s in range(0, m, c_rows):
         e = min(s + c_rows, m)
         c = e - s
-        x = buf[:c]
         dcap = None if dcap_buf is None else dcap_buf[:c]
         h = rows_h[s:e]
         h32 = h if h.dtype == f32 else h.to(f32)
@@ -194,7 +220,7 @@ def linear_cross_entropy_op(
             y = torch.where(vmask, y, 0)  # safe gather index for ignored rows
         y2 = y.unsqueeze(1)
 
-        _logits_into(x, h32, w_t, b32, softcap, dcap)
+        x = _chunk_logits(h32, w32, b32, softcap, dcap)  # [c, V] fp32, the only big buffer
         if return_logits:
             logits_out[s:e].copy_(x)
         x_y = x.gather(1, y2).squeeze(1)
@@ -205,8 +231,7 @@ def linear_cross_entropy_op(
         if bool(tiny.any()):
             # -log(p) is inaccurate here: recompute lse exactly for these rows only.
             ti = tiny.nonzero().squeeze(1)
-            xt = torch.empty((ti.numel(), v), dtype=f32, device=dev)
-            _logits_into(xt, h32.index_select(0, ti), w_t, b32, softcap, None)
+            xt = _chunk_logits(h32.index_select(0, ti), w32, b32, softcap, None)
             loss_c.index_copy_(0, ti, torch.logsumexp(xt, 1) - x_y.index_select(0, ti))
             del xt
         lse = x_y + loss_c
@@ -217,37 +242,44 @@ def linear_cross_entropy_op(
         row_loss[s:e] = loss_c
 
         if not need_grad:
+            del x
             continue
-        # dL/dx = a * P - wy * onehot(y)
-        wy = torch.full((c,), w_scale, dtype=f32, device=dev)
-        if row_valid is not None:
-            wy = wy.masked_fill(~vmask, 0.0)
-        a = wy * (1.0 + 2.0 * z_loss * lse) if z_loss != 0.0 else wy
-
+        # dL/dx_ij = a_i * (P_ij - r_i [j == y_i])  (times dcap_ij with softcap), with
+        # a_i = wy_i (1 + 2 z_loss lse_i), r_i = wy_i / a_i and wy_i the row's loss weight.
+        # The one-hot term is subtracted in the buffer at the c target entries only (as
+        # eager does: p_y - 1 stays accurate for well-predicted rows); the row scale a is
+        # applied to the small [c, H] operands / results, never to the [c, V] buffer.
+        if z_loss == 0.0 and row_valid is None:
+            a_vec = None  # uniform: a_i = r_i^-1 * wy_i = w_scale, r_i = 1
+            x.scatter_add_(1, y2, neg_ones[:c])
+        else:
+            wy = torch.full((c,), w_scale, dtype=f32, device=dev)
+            if row_valid is not None:
+                wy = wy.masked_fill(~vmask, 0.0)
+            a_vec = wy * (1.0 + 2.0 * z_loss * lse) if z_loss != 0.0 else wy
+            nz = a_vec != 0
+            r = torch.where(nz, wy / torch.where(nz, a_vec, 1.0), 0.0)
+            deg = ~nz & (wy != 0)
+            if bool(deg.any()):  # 1 + 2 z lse == 0 exactly: gradient is -wy * onehot only
+                x.masked_fill_(deg.unsqueeze(1), 0.0)
+                a_vec = torch.where(deg, 1.0, a_vec)
+                r = torch.where(deg, wy, r)
+            x.scatter_add_(1, y2, r.neg().unsqueeze(1))
         if softcap > 0.0:
-            # chain rule through the cap: apply (1 - tanh^2) elementwise to the dense grad
-            x.mul_(a.unsqueeze(1))
-            x.scatter_add_(1, y2, (-wy).unsqueeze(1))
-            x.mul_(dcap)
-            if need_grad_hidden:
-                torch.mm(x, w32, out=gh_rows[s:e])
-            if need_grad_weight:
-                grad_weight.addmm_(x.t(), h32)
-            if need_grad_bias:
-                grad_bias.add_(x.sum(0))
-            continue
-
+            x.mul_(dcap)  # chain rule through the cap
         if need_grad_hidden:
-            g = gh_rows[s:e]
-            torch.mm(x, w32, out=g)
-            g.mul_(a.unsqueeze(1))
-            g.addcmul_(w32.index_select(0, y), wy.unsqueeze(1), value=-1.0)
+            torch.mul(_mm_nt(x, w32.t()), w_scale if a_vec is None else a_vec.unsqueeze(1), out=gh_rows[s:e])
         if need_grad_weight:
-            grad_weight.addmm_(x.t(), h32 * a.unsqueeze(1))
-            grad_weight.index_add_(0, y, h32 * wy.unsqueeze(1), alpha=-1.0)
+            if a_vec is None:
+                grad_weight.addmm_(x.t(), h32, alpha=w_scale)
+            else:
+                grad_weight.addmm_(x.t(), h32 * a_vec.unsqueeze(1))
         if need_grad_bias:
-            grad_bias.addmv_(x.t(), a)
-            grad_bias.index_add_(0, y, wy, alpha=-1.0)
+            if a_vec is None:
+                grad_bias.addmv_(x.t(), ones[:c], alpha=w_scale)
+            else:
+                grad_bias.addmv_(x.t(), a_vec)
+        del x  # free this chunk's buffer before the next one is allocated
 
     if need_grad_hidden and not all_rows:
         grad_hidden.index_copy_(0, row_idx, gh_rows)
