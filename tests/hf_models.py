@@ -20,6 +20,12 @@ def build(arch: str, attn: str = "eager", dtype=torch.float32, **overrides):
     elif arch == "qwen2":
         cfg = tf.Qwen2Config(**{**TINY, **overrides})
         cls = tf.Qwen2ForCausalLM
+    elif arch == "gemma":
+        cfg = tf.GemmaConfig(**{**TINY, "head_dim": 8, "hidden_activation": "gelu_pytorch_tanh", **overrides})
+        cls = tf.GemmaForCausalLM
+    elif arch == "phi3":
+        cfg = tf.Phi3Config(**{**TINY, "partial_rotary_factor": 0.5, "pad_token_id": 0, **overrides})
+        cls = tf.Phi3ForCausalLM
     elif arch == "gpt2":
         cfg = tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                             attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **overrides)

@@ -123,3 +123,56 @@ def test_inner_inductor_on_one_architecture():
         got = _run(fast, kw)
     assert calls["rmsnorm"] > 0
     _check("llama-inductor", got, eager, ref, TOL[torch.float32])
+
+
+# -- issue 3's coverage matrix: every architecture x attention implementation -----------------------
+
+EXPECTED = {  # per layer (rmsnorm: two per layer plus the final norm)
+    "llama": dict(attention=1, rope=1, swiglu=1, rmsnorm=2, extra_rmsnorm=1, loss=1),
+    "mistral": dict(attention=1, rope=1, swiglu=1, rmsnorm=2, extra_rmsnorm=1, loss=1),
+    "qwen2": dict(attention=1, rope=1, swiglu=1, rmsnorm=2, extra_rmsnorm=1, loss=1),
+    "gemma": dict(attention=1, rope=1, swiglu=1, rmsnorm=2, extra_rmsnorm=1, loss=1),
+    "phi3": dict(attention=1, rope=1, swiglu=1, rmsnorm=2, extra_rmsnorm=1, loss=1),
+    "gpt2": dict(attention=1, rope=0, swiglu=0, rmsnorm=0, extra_rmsnorm=0, loss=1),
+    "bert": dict(attention=1, rope=0, swiglu=0, rmsnorm=0, extra_rmsnorm=0, loss=0),
+}
+
+
+def _gpt2_fix(arch, model):
+    if arch == "gpt2":  # transformers 5.23's loss_function has a graph break (warning_once); see README
+        model.loss_type = "ForCausalLM"
+    return model
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_coverage_matrix_counts_and_numerics(arch, attn):
+    model = _gpt2_fix(arch, build(arch, attn))
+    kw = inputs(arch)
+    n = model.config.num_hidden_layers
+    e = EXPECTED[arch]
+    report = einfuse.inspect(model, **kw)
+    want = {"attention": e["attention"] * n, "rope": e["rope"] * n, "swiglu": e["swiglu"] * n,
+            "rmsnorm": e["rmsnorm"] * n + e["extra_rmsnorm"], "linear_cross_entropy": e["loss"]}
+    assert report.fusions == want, [u.summary() for u in report.unfused]
+    torch._dynamo.reset()
+    ref = _run(copy.deepcopy(model).double(), kw)
+    eager = _run(model, kw)
+    fast = einfuse.optimize(model)
+    with counters.counting() as calls:
+        got = _run(fast, kw)
+    for kind, count in want.items():
+        assert (calls[kind] > 0) == (count > 0), (kind, dict(calls))
+    _check(f"{arch}-{attn}", got, eager, ref, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_coverage_bf16(arch):
+    model = build(arch, "sdpa", dtype=torch.bfloat16)
+    kw = inputs(arch)
+    ref = _run(copy.deepcopy(model).double(), kw)
+    eager = _run(model, kw)
+    with counters.counting() as calls:
+        got = _run(einfuse.optimize(model), kw)
+    assert all(calls[k] > 0 for k in ("attention", "rope", "swiglu", "rmsnorm", "linear_cross_entropy")), dict(calls)
+    _check(f"{arch}-bf16", got, eager, ref, TOL[torch.bfloat16])

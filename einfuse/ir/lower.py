@@ -220,6 +220,15 @@ def _linear(ctx, n, x, w, b=None, **k):
     return node(Op.LINEAR, srcs, None, meta_shape(n))
 
 
+def _quantized_linear(ctx, n, x, qweight, *a, **k):
+    # quantized_linear(x, codes, scales, ...) -> linear(x, W): W an opaque leaf of the logical [out, in] shape
+    out = meta_shape(n)
+    w_shape = (out[-1], x.shape[-1]) if out and x.shape else None
+    w = node(Op.INPUT, (), f"{n.name}:dequantized_weight", w_shape)
+    b = k.get("bias", a[2] if len(a) > 2 else None)
+    return node(Op.LINEAR, (x, w, b) if isinstance(b, Node) else (x, w), None, out)
+
+
 def _transpose(ctx, n, x, d0, d1, **k):
     nd = len(x.shape) if x.shape is not None else None
     dims = tuple(sorted((_neg_dim(int(d0), nd), _neg_dim(int(d1), nd))))
@@ -338,7 +347,8 @@ lower_rules: dict[str, Callable] = {
     "sum": _reduce(Op.SUM), "mean": _mean, "amax": _amax,
     "to": _cast, "to_float": _cast, "to_half": _cast, "to_bfloat16": _cast, "identity": _identity,
     "softmax": _softmax(Op.SOFTMAX), "log_softmax": _softmax(Op.LOG_SOFTMAX),
-    "matmul": _matmul, "linear": _linear, "einsum": _einsum, "transpose": _transpose, "t": _t,
+    "matmul": _matmul, "linear": _linear, "einsum": _einsum,
+    "quantized_linear": _quantized_linear, "transpose": _transpose, "t": _t,
     "reshape": _reshape, "expand": _expand, "getitem": _getitem, "unsqueeze": _unsqueeze,
     "cat": _cat, "concat": _cat, "dropout": _dropout,
     "view_as_complex": _view_as(Op.COMPLEX), "view_as_real": _view_as(Op.REAL),
@@ -370,8 +380,23 @@ def _wrap_scalar(v: Any) -> Any:
 _SCALAR_OPERANDS = {"add", "sub", "rsub", "mul", "div", "maximum", "where"}
 
 
-def lower_graph(graph: fx.Graph, pattern: bool = False) -> Lowered:
-    """Lower every FX node to a canonical node; unknown ops become INPUT leaves."""
+def multi_use_values(graph: fx.Graph) -> set[fx.Node]:
+    """Tensor values with more than one user (counting through casts): materialised anyway,
+    so they are natural region boundaries (e.g. the residual stream feeding a norm)."""
+    out = set()
+    for n in graph.nodes:
+        if n.op in ("call_function", "call_method") and len(n.users) > 1 and isinstance(meta_value(n), torch.Tensor):
+            out.add(n)
+    return out
+
+
+def lower_graph(graph: fx.Graph, pattern: bool = False, opaque: set[fx.Node] | frozenset = frozenset()) -> Lowered:
+    """Lower every FX node to a canonical node; unknown ops become INPUT leaves.
+
+    Nodes in `opaque` are lowered as INPUT leaves too: a pass that fails to match
+    because canonicalisation merged an input's own arithmetic into the region
+    (x = a * c flattens into x * r) retries with its multi-use values opaque.
+    """
     out = Lowered()
     env: dict[fx.Node, Node] = {}
     ctx = _Ctx(pattern)
@@ -382,7 +407,7 @@ def lower_graph(graph: fx.Graph, pattern: bool = False) -> Lowered:
             continue
         shape = meta_shape(n)
         leaf = node(Op.VAR if (pattern and n.op == "placeholder") else Op.INPUT, (), n.name, shape)
-        if n.op in ("placeholder", "get_attr"):
+        if n.op in ("placeholder", "get_attr") or n in opaque:
             raw[n] = env[n] = leaf
             continue
         name = op_name(n)

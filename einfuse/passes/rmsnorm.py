@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from einfuse.ir.from_dag import dag_to_cascade
-from einfuse.ir.lower import lower_function, lower_graph
+from einfuse.ir.lower import lower_function, lower_graph, multi_use_values
 from einfuse.ir.match import match
 from einfuse.ir.node import Node, Op, toposort
 from einfuse.runtime.ops.rmsnorm import rms_norm
@@ -70,7 +70,24 @@ def _check(b: dict, gm_low, shape_of) -> str:
 
 def fuse_rmsnorm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     gm = clone(gm)
-    low = lower_graph(gm.graph)
+    # round 1 on the plain canonical form; round 2 retries the anchors that did not match with
+    # multi-use values opaque (Gemma's residual stream is embed * sqrt(d): flattening would merge
+    # that product into the norm's own products, hiding x)
+    rejected: list = []
+    _fuse_round(gm, ctx, lower_graph(gm.graph), rejected)
+    if rejected:
+        retry: list = []
+        before = len(ctx.report.regions)
+        _fuse_round(gm, ctx, lower_graph(gm.graph, opaque=multi_use_values(gm.graph)), retry,
+                    only={r["anchor"] for r in rejected})
+        fused_now = {r.anchor for r in ctx.report.regions[before:] if r.fused}
+        rejected = [r for r in rejected if r["anchor"] not in fused_now]
+    for r in rejected:
+        ctx.new_region("rmsnorm", False, r["nodes"], r["anchor"], reason=r["reason"])
+    return finish(gm)
+
+
+def _fuse_round(gm: fx.GraphModule, ctx: PassContext, low, rejected: list, only: set | None = None) -> None:
     fx_of_root: dict[int, list[fx.Node]] = {}
     for f, c in low.of.items():
         fx_of_root.setdefault(id(c), []).append(f)
@@ -80,7 +97,6 @@ def fuse_rmsnorm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         t = tensor_meta(f) if f is not None else None
         return tuple(t.shape) if t is not None else None
 
-    done: set[int] = set()
     for anchor in _anchors(low):
         # candidate roots: products that contain this rsqrt, largest first
         roots = [c for c in {id(c): c for c in low.of.values()}.values()
@@ -90,6 +106,8 @@ def fuse_rmsnorm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         # 1/sqrt(v) has no FX node of its own once canonicalised to rsqrt: name the smallest product instead
         anchor_fx = value_of(low, anchor) or next(
             (value_of(low, r) for r in reversed(roots) if value_of(low, r) is not None), None)
+        if only is not None and (anchor_fx is None or anchor_fx.name not in only):
+            continue
         for root in roots:
             for name, pat, offset in _patterns():
                 m = match(pat, root)
@@ -109,11 +127,10 @@ def fuse_rmsnorm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if fused:
                 break
         if not fused:
-            if any(id(a) in done for a in [anchor]):
-                continue
-            ctx.new_region("rmsnorm", False, [anchor_fx.name] if anchor_fx is not None else [],
-                           anchor_fx.name if anchor_fx is not None else "?",
-                           reason=f"rsqrt is not part of an RMSNorm: {best_reason or 'no enclosing product'}")
+            name_ = anchor_fx.name if anchor_fx is not None else "?"
+            if only is None:
+                rejected.append({"nodes": [name_] if anchor_fx is not None else [], "anchor": name_,
+                                 "reason": f"rsqrt is not part of an RMSNorm: {best_reason or 'no enclosing product'}"})
             continue
         b = m.bindings
         eps = float(b["eps"].arg)
@@ -124,6 +141,11 @@ def fuse_rmsnorm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         new = insert_call(gm, first, rms_norm, (x_fx, w_fx, eps, offset))
         x_t, w_t = tensor_meta(x_fx), tensor_meta(w_fx)
         value_dtype = torch.result_type(x_t, w_t) if x_t is not None and w_t is not None else None
+        # the fused node's metadata must describe what the op returns (dtype result_type(x, w)),
+        # not the fp32 product HF computes before casting back: later passes read dtypes from it
+        same = [f for f in root_fx if tensor_meta(f) is not None and tensor_meta(f).dtype == value_dtype]
+        if same:
+            new.meta = dict(same[-1].meta)
         for f in root_fx:
             if f is not first:
                 f.replace_all_uses_with(new)
@@ -133,5 +155,3 @@ def fuse_rmsnorm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                        cascades={"reference": cascade}, bindings={"eps": eps, "variant": name,
                                                                    "hidden": shape_of(b["x"])[-1]})
         erase_dead(gm, list(dict.fromkeys(region_fx + root_fx)))
-        done.add(id(anchor))
-    return finish(gm)
