@@ -40,6 +40,8 @@ def make_backend(config: OptimizeConfig, report: Report | None = None):
         ctx = PassContext(config, report, graph_index=report.graphs)
         report.graphs += 1
         out = run_pipeline(gm, ctx)
+        from einfuse.analysis.report_hooks import record_costs
+        record_costs(report, gm, out, ctx.graph_index)  # symbolic costs before/after, pass counts
         if config.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx
             return compile_fx(out, example_inputs)

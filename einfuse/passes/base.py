@@ -97,21 +97,42 @@ def cast_like(gm: fx.GraphModule, n: fx.Node, like: fx.Node, value_dtype: torch.
     return n
 
 
-def erase_dead(gm: fx.GraphModule, candidates: list[fx.Node]) -> None:
-    """Erase the replaced region's nodes once nothing uses them.
+import operator as _operator
 
-    Only nodes the pass covered are considered: a global dead-code sweep could
-    drop user ops with side effects (in-place updates whose result is unused).
+_INPLACE_OPERATORS = {_operator.iadd, _operator.isub, _operator.imul, _operator.itruediv, _operator.ipow,
+                      _operator.setitem}
+
+
+def _pure(n: fx.Node) -> bool:
+    """Safe to drop when unused: no in-place method or operator, no side-effectful function."""
+    if n.op == "call_method":
+        return not str(n.target).endswith("_")
+    if n.op == "call_function":
+        if n.target in _INPLACE_OPERATORS or getattr(n.target, "__name__", "").endswith("_"):
+            return False
+        return not n.is_impure()
+    return False
+
+
+def erase_dead(gm: fx.GraphModule, candidates: list[fx.Node]) -> None:
+    """Erase the replaced region's nodes, and then their inputs, once nothing uses them.
+
+    The sweep starts at the region and walks up through inputs, so intermediate
+    values the match never visited (canonicalisation flattens `(x*r)*w`, so the
+    FX node for `x*r` is not a canonical node of its own) go too. Only pure
+    nodes are erased: a global dead-code sweep could drop user ops with side
+    effects (in-place updates whose result is unused).
     """
-    pending = [n for n in candidates if n.op == "call_function" or n.op == "call_method"]
-    changed = True
-    while changed:
-        changed = False
-        for n in list(pending):
-            if not n.users and n.graph is gm.graph:
-                gm.graph.erase_node(n)
-                pending.remove(n)
-                changed = True
+    pending = list(dict.fromkeys(candidates))
+    erased: set[fx.Node] = set()
+    while pending:
+        n = pending.pop()
+        if n in erased or n.graph is not gm.graph or n.users or not _pure(n):
+            continue
+        inputs = list(n.all_input_nodes)
+        gm.graph.erase_node(n)
+        erased.add(n)
+        pending.extend(i for i in inputs if i.op in ("call_function", "call_method"))
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:
