@@ -30,7 +30,8 @@ CONTENDERS = ["eager", "einfuse", "inductor", "inductor_auto_chunker", "einfuse_
 
 def worker(name: str, a) -> dict:
     import torch
-    from common import LiveStorageTracker, peak_rss_since_reset, reset_maxrss, rss_bytes
+    from common import peak_rss_since_reset, reset_maxrss, rss_bytes
+    from einfuse.analysis.memory import LiveStorageTracker  # follows storages inside fused ops too
     from transformers import LlamaForCausalLM
 
     import einfuse
