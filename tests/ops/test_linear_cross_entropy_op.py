@@ -248,15 +248,54 @@ def test_never_saves_logits_for_backward():
     saved = []
 
     def pack(t):
-        saved.append(tuple(t.shape))
+        saved.append(t)
         return t
 
     with saved_tensors_hooks(pack, lambda t: t):
         loss = linear_cross_entropy(*leaves[:2], y, leaves[2])
-    assert saved, "expected the precomputed gradients to be saved"
-    assert all(math.prod(s) < n * v for s in saved), saved
-    assert sorted(saved) == sorted([(n, hdim), (v, hdim), (v,)])
+    # only references to the inputs go through save_for_backward ...
+    assert saved
+    input_ptrs = {t.data_ptr() for t in (*leaves, y)}
+    assert all(t.data_ptr() in input_ptrs for t in saved), [tuple(t.shape) for t in saved]
+    # ... and the node holds the precomputed fp32 gradients, nothing of size N x V
+    held = [t for t in loss.grad_fn.precomputed if t is not None]
+    assert sorted(tuple(t.shape) for t in held) == sorted([(n, hdim), (v, hdim), (v,)])
+    assert all(t.dtype == torch.float32 for t in held)
     loss.backward()
+    assert loss.grad_fn.precomputed is None  # handed over to autograd
+
+
+# ---------------------------------------------------------------- backward hand-over
+def test_backward_retain_graph_accumulate_and_reuse():
+    # The first backward hands the precomputed gradients to autograd without a copy;
+    # they must never alias anything the graph still uses.
+    h, w, b, y = make_inputs(12, 6, 29, ignore=0.25)
+    hf, wf, bf = (t.float().requires_grad_(True) for t in (h, w, b))
+    hr, wr, br = (t.clone().requires_grad_(True) for t in (h, w, b))
+    eager_loss(hr, wr, y, br).backward()
+    ref = [hr.grad, wr.grad, br.grad]
+
+    def grads():
+        return [hf.grad.clone(), wf.grad.clone(), bf.grad.clone()]
+
+    def close(gs, factor=1.0):
+        return all(rel_err(g, factor * r) < 1e-5 for g, r in zip(gs, ref))
+
+    loss = linear_cross_entropy(hf, wf, y, bf)
+    loss.backward(retain_graph=True)
+    assert close(grads())
+    for t in (hf, wf, bf):  # zero_grad(set_to_none=False) mutates the adopted grads in place
+        t.grad.zero_()
+    with counters.counting() as cnt:
+        loss.backward(retain_graph=True)  # recomputes: the first backward gave its copy away
+    assert cnt["linear_cross_entropy"] == 1 and close(grads())
+    (loss * 3.0).backward()  # accumulates into existing .grad, scaled
+    assert close(grads(), 4.0)
+
+    for t in (hf, wf, bf):
+        t.grad = None
+    (linear_cross_entropy(hf, wf, y, bf) + 0.5 * linear_cross_entropy(hf, wf, y, bf)).backward()
+    assert close(grads(), 1.5)
 
 
 # ---------------------------------------------------------------- logits output

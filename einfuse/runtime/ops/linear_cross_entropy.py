@@ -8,8 +8,8 @@ Algorithm (CPU implementation, used for every device for now)
 -------------------------------------------------------------
 The [N, V] logits are never materialised. Rows with an ignored label are dropped
 up front (they cost nothing), then the remaining tokens are walked in chunks of
-``C`` rows, ``C`` chosen so one fp32 [C, V] chunk is at most ``CHUNK_BYTES`` (48 MiB;
-256 tokens at V=49152):
+``C`` rows, ``C`` chosen so one fp32 [C, V] chunk is at most ``CHUNK_BYTES`` (32 MiB;
+160 tokens at V=49152):
 
 1. One fp32 matmul (oneDNN linear, else ``torch.addmm``) produces the chunk's logits
    (softcap: ``tanh`` in place, its derivative 1/cosh**2 kept in a second buffer
@@ -33,11 +33,14 @@ up front (they cost nothing), then the remaining tokens are walked in chunks of
    in fp32 throughout).
 
 Saved for backward: the three fp32 gradients (grad_hidden [N, H], grad_weight
-[V, H], grad_bias [V]) - never logits, probabilities or log-probabilities.  The
-backward only scales them by the incoming scalar grad_output (like Liger-Kernel).
-They are the size of the inputs (e.g. 113 MB for a 49152 x 576 lm_head), versus
-N*V*4 bytes for the logits (805 MB at N=4096).  Nothing is computed or saved for gradients when no input
-requires grad (inference / ``torch.no_grad``).
+[V, H], grad_bias [V]), held by the autograd node - never logits, probabilities or
+log-probabilities - plus references to the inputs. They are the size of the inputs
+(113 MB for a 49152 x 576 lm_head) versus N*V*4 bytes for the logits (805 MB at
+N=4096). The backward only scales them by the incoming scalar grad_output (like
+Liger-Kernel); when that is exactly 1 (eager ``loss.backward()``) it hands them over
+without a copy, so backward allocates nothing. A second backward through a retained
+graph recomputes them from the saved inputs. Nothing is computed or saved for
+gradients when no input requires grad (inference / ``torch.no_grad``).
 
 ``return_logits=True`` additionally returns the (soft-capped) logits in the input
 dtype.  Gradients flowing into those returned logits are supported: backward then
@@ -62,7 +65,7 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_op", "CHUNK_BYTES"]
 
 # Upper bound on the size of one fp32 chunk of logits. Read at call time, so tests
 # can monkeypatch it to force many chunks.
-CHUNK_BYTES: int = 48 * 2**20
+CHUNK_BYTES: int = 32 * 2**20
 
 # Rows whose target probability falls below this get their lse recomputed exactly
 # (below it, fp32 -log(p) loses accuracy / underflows).
@@ -102,9 +105,10 @@ def _has_onednn_linear() -> bool:
         return False
 
 
-# oneDNN's fp32 linear runs the two [C, H] x [H, V] / [C, V] x [V, H] products ~25%
-# faster than the MKL sgemm behind torch.mm on the CPUs we measured (full fp32, no
-# reduced-precision math mode); torch.mm is the fallback. Monkeypatchable for tests.
+# oneDNN's fp32 linear (full fp32, no reduced-precision math mode) ran the logits product
+# [C, H] x [H, V] ~25-40% and P @ W ~10% faster than the MKL sgemm behind torch.mm on the
+# 2-core AMD EPYC we measured on (CPU time, C = 128..320); torch.mm is the fallback.
+# Monkeypatchable for tests.
 _USE_ONEDNN: bool = _has_onednn_linear()
 
 
@@ -315,19 +319,20 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.flags = (need_gh, need_gw, need_gb)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.args = (ignore_index, reduction, z_loss, softcap)
     ctx.return_logits = return_logits
-    ctx.softcap = softcap
-    ctx.has_bias = bias is not None
-    if return_logits:
-        # Only needed if the caller back-propagates through the returned logits.
-        ctx.save_for_backward(gh, gw, gb, hidden, weight, logits if softcap > 0.0 else None)
-    else:
-        ctx.save_for_backward(gh, gw, gb)
+    # The precomputed gradients are held by the node itself (not save_for_backward, whose
+    # saved outputs alias what they save) so the first backward can take sole ownership
+    # and hand them to autograd without a copy. They have no grad_fn: no ref cycle.
+    ctx.precomputed = [gh, gw, gb]
+    # Inputs (references, no copies): for a second backward through a retained graph, and
+    # for gradients flowing into the returned logits (which, with softcap, also need them).
+    ctx.save_for_backward(hidden, weight, labels, bias,
+                          logits if (return_logits and softcap > 0.0) else None)
 
 
 def _backward(ctx, g_loss, g_logits, _g_gh, _g_gw, _g_gb):
-    saved = ctx.saved_tensors
-    gh32, gw32, gb32 = saved[:3]
+    hidden, weight, labels, bias, logits = ctx.saved_tensors
     dt_h, dt_w, dt_b = ctx.dtypes
     need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
     for wanted, computed, name in zip(need, ctx.flags, ("hidden", "weight", "bias")):
@@ -338,18 +343,29 @@ def _backward(ctx, g_loss, g_logits, _g_gh, _g_gw, _g_gb):
 
     grads = [None, None, None]
     if g_loss is not None:
-        if need[0]:
-            grads[0] = gh32 * g_loss
-        if need[1]:
-            grads[1] = gw32 * g_loss
-        if need[2]:
-            grads[2] = gb32 * g_loss
+        pre, ctx.precomputed = ctx.precomputed, None
+        if pre is None:
+            # Second backward through a retained graph: the first one handed the
+            # precomputed gradients over, so recompute them (no logits kept).
+            with torch.no_grad():
+                ignore_index, reduction, z_loss, softcap = ctx.args
+                pre = list(linear_cross_entropy_op(hidden, weight, labels, bias, ignore_index, reduction,
+                                                   z_loss, softcap, False, *ctx.flags)[2:])
+        # Eager loss.backward() passes exactly 1: the gradients (which nothing else now
+        # references) are returned as they are and autograd adopts them as .grad, so the
+        # backward allocates nothing. Otherwise (or in traced backwards: torch.compile's
+        # fake/functional tensors) they are scaled out of place.
+        unit = (type(g_loss) is torch.Tensor and not torch.compiler.is_compiling()
+                and bool(g_loss == 1))
+        for i in range(3):
+            if need[i]:
+                grads[i] = pre[i] if unit else pre[i] * g_loss
+        del pre
 
     if g_logits is not None and ctx.return_logits:
-        hidden, weight, logits = saved[3], saved[4], saved[5]
         g = g_logits.to(torch.float32)
-        if ctx.softcap > 0.0:
-            t = logits.to(torch.float32) / ctx.softcap
+        if ctx.args[3] > 0.0:
+            t = logits.to(torch.float32) / ctx.args[3]
             g = g * (1.0 - t * t)
         contrib = [
             (lambda: g @ weight.to(torch.float32)) if need[0] else None,
