@@ -295,11 +295,13 @@ def _native_plan(q, k, v, mask, is_causal, window, softcap, sdpa_masked_rows):
     causal = is_causal and S == T
     dead = None
     if mask is not None:
+        # a row is dead when the mask AND the causal constraint together exclude every key
+        tri = torch.ones(S, T, dtype=torch.bool, device=mask.device).tril() if causal else None
         if mask.dtype == torch.bool:
-            dead = _dead_rows(mask)
+            dead = _dead_rows(mask if tri is None else mask & tri)
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill_(~mask, _NEG_INF)
         elif mask.dtype == q.dtype:
-            dead = _dead_rows(mask)
+            dead = _dead_rows(mask) if tri is None else ((mask == _NEG_INF) | ~tri).all(-1)
         else:  # casting would change values (e.g. fp32 finfo.min -> -inf in bf16)
             return None
         while mask.dim() < 4:
