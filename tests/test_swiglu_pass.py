@@ -16,50 +16,9 @@ from hypothesis import strategies as st
 
 import einfuse
 from einfuse.runtime import counters
-from hf_models import build, inputs, rel_err
+from hf_models import _run, build, check_against_fp64, inputs, rel_err
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def _outputs(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _outputs(o)]
-    return [out.loss] if getattr(out, "loss", None) is not None else []
-
-
-def _run(model, args, kw):
-    model.zero_grad(set_to_none=True)
-    args = [a.detach().clone().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
-            for a in args]
-    outs = _outputs(model(*args, **kw))
-    g = torch.Generator().manual_seed(7)
-    total = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in outs)
-    total.backward()
-    grads = {n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in model.named_parameters()
-             if p.grad is not None}
-    grads.update({f"arg{i}": a.grad.detach().clone() for i, a in enumerate(args)
-                  if isinstance(a, torch.Tensor) and a.grad is not None})
-    return [o.detach() for o in outs], grads
-
-
-def check_against_fp64(model, args=(), kw=None, dtype=torch.float32, optimized=None):
-    kw = kw or {}
-    ref_args = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-    ref = _run(copy.deepcopy(model).double(), ref_args, kw)
-    eager = _run(model, args, kw)
-    fast = optimized if optimized is not None else einfuse.optimize(model)
-    got = _run(fast, args, kw)
-    tol = TOL[dtype]
-    assert len(got[0]) == len(ref[0])
-    for i, (o, e, r) in enumerate(zip(got[0], eager[0], ref[0])):
-        assert o.shape == r.shape and o.dtype == e.dtype
-        assert rel_err(o, r) <= rel_err(e, r) + tol, f"output {i}: {rel_err(o, r):.3e} vs {rel_err(e, r):.3e}"
-    assert set(got[1]) == set(ref[1]) and got[1]
-    for n in ref[1]:
-        assert rel_err(got[1][n], ref[1][n]) <= rel_err(eager[1][n], ref[1][n]) + tol, n
-    return fast
+from hf_models import TOL  # noqa: E402
 
 
 SPELLINGS = {
