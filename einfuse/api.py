@@ -50,8 +50,21 @@ def _optimized_class(cls: type) -> type:
     return new
 
 
+# --- quantization hook (issue 6) -------------------------------------------------------------
+def _apply_quantization(module: Any, config: OptimizeConfig, report: Report) -> None:
+    """Quantize the module in place when `quantize=` is set: the one step of `optimize` that changes
+    parameters, so it runs on the module before any capture (einfuse/passes/quantize.py)."""
+    if config.quantize is not None:
+        if not isinstance(module, nn.Module):
+            raise ValueError("quantize= replaces a module's linear layers: optimize an nn.Module, not a function")
+        from einfuse.passes.quantize import apply
+        apply(module, config, report)
+# --- end quantization hook ------------------------------------------------------------------
+
+
 def _attach(module: nn.Module, config: OptimizeConfig) -> None:
     report = Report()
+    _apply_quantization(module, config, report)
     orig_cls = type(module)._einfuse_orig_class
     # plain attributes (not submodules/parameters): invisible to state_dict and .to()
     module.__dict__["_einfuse_config"] = config
@@ -74,6 +87,7 @@ def _optimize_module(model: nn.Module, config: OptimizeConfig) -> nn.Module:
 
 def _optimize_function(fn: Callable, config: OptimizeConfig) -> Callable:
     report = Report()
+    _apply_quantization(fn, config, report)
     compiled = _compile(fn, config, report)
 
     @functools.wraps(fn)

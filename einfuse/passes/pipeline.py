@@ -16,6 +16,8 @@ from .rmsnorm import fuse_rmsnorm
 from .rope import fuse_rope
 from .swiglu import fuse_swiglu
 from .linear_cross_entropy import fuse_linear_cross_entropy
+from .layer_skip import fuse_layer_skip
+from .sparsity import fuse_sparsity
 
 log = logging.getLogger("einfuse")
 
@@ -25,6 +27,8 @@ PIPELINE = [
     ("rmsnorm", fuse_rmsnorm),                 # x * rsqrt(mean(x^2) + eps) * w -> einfuse::rms_norm
     ("swiglu", fuse_swiglu),                   # act(gate(x)) * up(x) [-> down] -> einfuse::glu_mlp / glu
     ("linear_cross_entropy", fuse_linear_cross_entropy),  # lm_head + cross-entropy -> logit-free loss
+    ("layer_skip", fuse_layer_skip),           # option layer_skip: bypass evenly spread middle residual blocks
+    ("sparsity", fuse_sparsity),               # option sparsity: gated MLPs (or glu_mlp) -> einfuse::sparse_glu_mlp
 ]
 PASS_NAMES = tuple(name for name, _ in PIPELINE)
 

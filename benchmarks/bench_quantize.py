@@ -1,0 +1,272 @@
+"""Quantization on a real model: SmolLM2-135M, perplexity, decode speed and size per scheme.
+
+The model: SmolLM2-135M-Instruct with its real weights (einfuse.models.smollm2; its
+fp32 weights are dequantized from the Q4_1 .gguf, so group-32 asymmetric int4 would
+be nearly lossless by construction: int4 and int6 are measured at group 64 and no
+quality claim is made for group 32). The .gguf is converted once to a
+save_pretrained directory in the einfuse cache, so each worker loads in seconds.
+
+Per scheme (fp32, int8, int4, int4_gptq, int6, llm_int8, w8a8), each in a fresh process
+(`X_gptq`: scheme X with GPTQ rounding, act order, calibrated like llm_int8; `X+head`: the
+lm_head quantized too — SmolLM2's is tied to the embedding, so it is untied and the fp
+embedding table stays, counted in the bytes; by default the lm_head stays in fp):
+  * perplexity on a fixed slice of `--text` (default: ../shared/data/tinyshakespeare.txt):
+    the first windows x window_len tokens, as non-overlapping windows (the same for every
+    scheme); llm_int8 and GPTQ are calibrated on the calib_batches x window_len tokens that
+    follow that slice (same text, disjoint tokens);
+  * decode speed: batch 1, `generate()` with the KV cache, greedy, --new-tokens new
+    tokens after a 32-token prompt, median of --repeats runs (after a warm-up);
+  * parameter bytes (distinct parameter and buffer storages), and the bytes of the
+    weights one decode step multiplies (every linear and the lm_head);
+  * the bandwidth ceiling: those bytes over a measured copy bandwidth (bytes read +
+    written per second by a 256 MB tensor copy), the tokens/s a memory-bound decoder
+    could reach.
+Speed rounds are interleaved (round r runs every scheme once) to spread machine noise
+evenly; perplexity is measured in the first round only (it is deterministic).
+
+    python benchmarks/bench_quantize.py                        # all schemes, eager modules
+    python benchmarks/bench_quantize.py --inner eager          # through einfuse.optimize (fusions on)
+    python benchmarks/bench_quantize.py --schemes fp32 int8 --new-tokens 32 --rounds 1   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMES = ["fp32", "int8", "int8+head", "int4", "int4_gptq", "int4_gptq+head", "int6", "llm_int8", "w8a8"]
+
+
+def cache_dir() -> Path:
+    from einfuse.models.smollm2 import cache_dir as models_dir
+    return models_dir() / "smollm2-135m-fp32"
+
+
+def prepare(a) -> dict:
+    """Convert the .gguf once; tokenize the text once (ids saved with safetensors)."""
+    import torch
+    from safetensors.torch import save_file
+    d = cache_dir()
+    if not (d / "config.json").exists():
+        from einfuse.models.smollm2 import load_smollm2
+        print("converting SmolLM2-135M from .gguf (once; 1-2 min) ...", flush=True)
+        model, tok = load_smollm2()
+        d.mkdir(parents=True, exist_ok=True)
+        # save_pretrained refuses a model loaded from a .gguf: write the config and weights ourselves
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+        cfg = model.config
+        for k in ("quantization_config",):
+            if hasattr(cfg, k):
+                delattr(cfg, k)
+        cfg.save_pretrained(d)
+        tok.save_pretrained(d)
+        del model
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(d))
+    text = Path(a.text).read_text(encoding="utf-8")
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    need = a.windows * a.window_len + a.calib_batches * a.window_len + 64
+    if ids.numel() < need:
+        raise SystemExit(f"{a.text}: {ids.numel()} tokens, need {need}")
+    n = a.windows * a.window_len
+    ppl = ids[:n].view(a.windows, a.window_len)
+    calib = ids[n:n + a.calib_batches * a.window_len].view(a.calib_batches, a.window_len)
+    prompt = ids[n + a.calib_batches * a.window_len:][:32].view(1, 32)
+    path = d.parent / "bench_quantize_ids.safetensors"
+    save_file({"ppl": ppl.contiguous(), "calib": calib.contiguous(), "prompt": prompt.contiguous()}, str(path))
+    return {"ids": str(path), "tokens": int(ids.numel())}
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 256 MB copy (best of 5)."""
+    import torch
+    src = torch.ones(64 << 20)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
+
+
+def decode_bytes(model) -> int:
+    """Bytes of the weights one decode step multiplies: every linear (quantized or not)."""
+    import torch.nn as nn
+    from einfuse.quant.modules import QuantizedLinear
+    total, seen = 0, set()
+    for m in model.modules():
+        ts = []
+        if isinstance(m, nn.Linear):
+            ts = [m.weight]
+        elif isinstance(m, QuantizedLinear):
+            ts = [t for t in (m.qweight, m.scales, m.offsets) if t is not None]
+        for t in ts:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
+def worker(scheme: str, a) -> dict:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import einfuse
+    from einfuse.passes.quantize import model_bytes
+    from einfuse.quant import cpu_kernels
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ids = load_file(a.ids)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(cache_dir()), dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    row = {"name": scheme, "inner": a.inner, "round": a.round, "threads": torch.get_num_threads(),
+           "kernels": cpu_kernels.status()}
+    t0 = time.perf_counter()
+    notes = []
+    if scheme != "fp32":
+        name, head = scheme.removesuffix("+head"), scheme.endswith("+head")
+        base = name.removesuffix("_gptq")
+        opts = {"group_size": a.group_size} if base in ("int4", "int6") else {}
+        calib = list(ids["calib"].split(1)) if base == "llm_int8" or name.endswith("_gptq") else None
+        summary = einfuse.quant.quantize(model, base, calibration=calib, progress=True, lm_head=head, **opts)
+        notes = summary.notes
+    row["quantize_s"] = time.perf_counter() - t0
+    row["load_s"] = load_s
+    row["param_bytes"] = model_bytes(model)
+    row["decode_bytes"] = decode_bytes(model)
+    row["notes"] = notes
+    run = model if a.inner == "none" else einfuse.optimize(model, inner=a.inner)
+
+    with torch.no_grad():
+        if a.round == 0:
+            nll, count = 0.0, 0
+            for batch in ids["ppl"].split(a.ppl_batch):
+                logits = run(input_ids=batch).logits.float()
+                lp = torch.log_softmax(logits[:, :-1], dim=-1)
+                tgt = batch[:, 1:]
+                nll -= lp.gather(-1, tgt.unsqueeze(-1)).sum().item()
+                count += tgt.numel()
+            row["ppl"] = math.exp(nll / count)
+            row["ppl_tokens"] = count
+        prompt = ids["prompt"]
+        gen = dict(do_sample=False, use_cache=True, pad_token_id=0)
+        t0 = time.perf_counter()
+        run.generate(prompt, max_new_tokens=8, min_new_tokens=8, **gen)  # warm-up (compiles with --inner)
+        row["warmup_s"] = time.perf_counter() - t0
+        speeds = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            out = run.generate(prompt, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, **gen)
+            dt = time.perf_counter() - t0
+            speeds.append((out.shape[1] - prompt.shape[1]) / dt)
+        row["tok_s_runs"] = speeds
+        row["tok_s"] = statistics.median(speeds)
+    bw = copy_bandwidth()
+    row["copy_bw_gbs"] = bw / 1e9
+    row["ceiling_tok_s"] = bw / row["decode_bytes"]
+    return row
+
+
+def run_worker(scheme: str, a, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", scheme, *extra]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=a.timeout)
+    if p.returncode != 0:
+        return {"name": scheme, "error": f"exit {p.returncode}", "wall_s": time.perf_counter() - t0}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    p.add_argument("--schemes", nargs="*", default=SCHEMES)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--window-len", type=int, default=256)
+    p.add_argument("--ppl-batch", type=int, default=4)
+    p.add_argument("--calib-batches", type=int, default=16, help="calibration windows (llm_int8, *_gptq)")
+    p.add_argument("--group-size", type=int, default=64, help="int4/int6 group size")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved speed rounds (perplexity in round 0)")
+    p.add_argument("--inner", default="none", choices=("none", "eager", "inductor"),
+                   help="none: the (quantized) module as is; eager/inductor: through einfuse.optimize")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--timeout", type=int, default=3600)
+    p.add_argument("--worker")
+    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--ids")
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker, a)))
+        return
+
+    from common import save
+    info = prepare(a)
+    common_args = ["--ids", info["ids"], "--windows", str(a.windows), "--window-len", str(a.window_len),
+                   "--ppl-batch", str(a.ppl_batch), "--group-size", str(a.group_size),
+                   "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats), "--inner", a.inner,
+                   "--threads", str(a.threads)]
+    runs: dict[str, list[dict]] = {s: [] for s in a.schemes}
+    for r in range(a.rounds):
+        for s in a.schemes:
+            print(f"round {r}: {s} ...", flush=True)
+            row = run_worker(s, a, common_args + ["--round", str(r)])
+            print("   ", {k: v for k, v in row.items() if k not in ("notes",)}, flush=True)
+            runs[s].append(row)
+    rows = []
+    for s, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            rows.append(rs[0])
+            continue
+        first = next(r for r in ok if r.get("round") == 0) if any(r.get("round") == 0 for r in ok) else ok[0]
+        all_speeds = [v for r in ok for v in r["tok_s_runs"]]
+        rows.append({**first, "tok_s": statistics.median(all_speeds), "tok_s_runs": all_speeds,
+                     "ceiling_tok_s": statistics.median(r["ceiling_tok_s"] for r in ok),
+                     "copy_bw_gbs": statistics.median(r["copy_bw_gbs"] for r in ok)})
+    base = next((r for r in rows if r["name"] == "fp32" and "error" not in r), None)
+    head = ["scheme", "perplexity", "vs fp32", "decode tok/s", "vs fp32", "ceiling tok/s", "param MB", "vs fp32",
+            "decode-weight MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | error: {r['error']} |" + " |" * (len(head) - 2))
+            continue
+        rel = lambda k: f"{r[k] / base[k]:.2f}x" if base and base.get(k) else "-"  # noqa: E731
+        dppl = f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%" if base and "ppl" in r else "-"
+        lines.append(f"| {r['name']} | {r.get('ppl', float('nan')):.3f} | {dppl} | {r['tok_s']:.2f} | {rel('tok_s')} | "
+                     f"{r['ceiling_tok_s']:.1f} | {r['param_bytes'] / 1e6:.1f} | {rel('param_bytes')} | "
+                     f"{r['decode_bytes'] / 1e6:.1f} |")
+    md = "\n".join(lines)
+    import torch
+    title = (f"SmolLM2-135M-Instruct (real weights), CPU ({os.cpu_count()} cores, torch {torch.__version__}, "
+             f"{rows[0].get('threads', '?')} threads, kernels: {rows[0].get('kernels', '?')}), "
+             f"inner={a.inner}. Perplexity: {a.windows} x {a.window_len} tokens of {Path(a.text).name}; "
+             f"decode: batch 1, {a.new_tokens} new tokens, median of {a.repeats} x {a.rounds} interleaved runs; "
+             f"int4/int6 group {a.group_size}.")
+    notes = sorted({n for r in rows for n in r.get("notes", []) if "group size" not in n})
+    text = f"{title}\n\n{md}\n" + ("\nNotes:\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
+    print("\n" + text)
+    path = save(f"quantize_smollm2_{a.inner}", rows, text, {**vars(a), **info})
+    print(f"\nsaved {path}")
+
+
+if __name__ == "__main__":
+    main()
