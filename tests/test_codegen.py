@@ -345,6 +345,11 @@ SNAPSHOTS = {
     "rope_fwd": lambda: library.rope(False),
     "cross_entropy_fwd": lambda: library.cross_entropy_forward(),
     "attention_fwd": lambda: library.attention_forward(0.125, "causal", 0.0),
+    "attention_bwd_dq": lambda: library.attention_backward_dq(0.125, "causal", 0.0),
+    "attention_bwd_dkdv": lambda: library.attention_backward_dkdv(0.125, "additive", 30.0),
+    "linear_cross_entropy_fwd_bias_softcap": lambda: library.linear_cross_entropy_lse(True, 30.0),
+    "linear_cross_entropy_bwd_dx": lambda: library.linear_cross_entropy_backward_dx(),
+    "linear_cross_entropy_bwd_dw_bias": lambda: library.linear_cross_entropy_backward_dw(True),
 }
 
 
@@ -387,13 +392,18 @@ jobs = [
      {"block_r": 1, "block": 4096, "num_warps": 8}),
     (library.attention_forward(0.125, "bool", 30.0), {"Q": bf, "K": bf, "V": bf, "M": torch.bool, "O": bf, "LSE": f32},
      {"block_p": 128, "block_m": 64, "block_e": 128, "block_f": 128, "num_warps": 8, "num_stages": 3}),
+    (library.attention_backward_dkdv(0.125, "additive", 30.0), {"Q": bf, "K": bf, "V": bf, "DO": bf, "LSE": f32,
+     "DELTA": f32, "M": bf, "DK": f32, "DV": f32},
+     {"block_p": 64, "block_m": 64, "block_e": 128, "block_f": 128, "num_warps": 4, "num_stages": 2}),
+    (library.linear_cross_entropy_backward_dx(), {"X": bf, "W": bf, "LSE": f32, "A": f32, "DX": f32},
+     {"block_p": 64, "block_m": 64, "block_e": 64, "one_block_e": False, "num_warps": 4, "num_stages": 2}),
 ]
 out = {}
 for c, dtypes, cfg in jobs:
     asm = aot_compile(c, c.name, dtypes, cfg, arch=int(sys.argv[1]))
     out[c.name + str(cfg)] = sorted(asm) if (".entry " + c.name) in asm["ptx"] else "no entry in ptx"
-    if c.name == "attention_fwd":
-        out["mma"] = asm["ptx"].count("mma")
+    if c.name in ("attention_fwd", "attention_bwd_dkdv", "linear_cross_entropy_bwd_dx"):
+        out["mma_" + c.name] = asm["ptx"].count("mma")
 print("RESULT" + json.dumps(out))
 """
 
@@ -413,8 +423,9 @@ def test_generated_kernels_compile_for_a_gpu(tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads(p.stdout.split("RESULT", 1)[1])
-    assert len(res) == 7  # 6 kernels and the mma count
-    assert res.pop("mma") > 0   # the attention dots became tensor-core instructions
+    assert len(res) == 11  # 8 kernels and 3 mma counts
+    for name in ("attention_fwd", "attention_bwd_dkdv", "linear_cross_entropy_bwd_dx"):
+        assert res.pop("mma_" + name) > 0, name   # the dots became tensor-core instructions
     for name, stages in res.items():
         assert stages == ["cubin", "llir", "ptx", "source", "ttgir", "ttir"], (name, stages)
 
@@ -500,8 +511,9 @@ def test_report_kernels_show_generated_source():
 
 
 def test_tiny_llama_training_step_with_generated_kernels_matches_eager(monkeypatch):
-    """einfuse.optimize + EINFUSE_KERNELS=triton: RMSNorm, RoPE and the GLU run as generated kernels
-    (attention and the loss keep their CPU paths); loss and every gradient follow the fp32 rule."""
+    """einfuse.optimize + EINFUSE_KERNELS=triton: RMSNorm, RoPE, the GLU, attention and the linear
+    cross-entropy loss run as generated kernels, forward and backward; loss and every gradient follow
+    the fp32 rule."""
     import einfuse
     from tests.hf_models import build, inputs
     monkeypatch.setenv("EINFUSE_KERNELS", "triton")
@@ -515,6 +527,10 @@ def test_tiny_llama_training_step_with_generated_kernels_matches_eager(monkeypat
         m(**kw).loss.backward()
     assert dispatch.launches["rmsnorm_fwd"] > 0 and dispatch.launches["rmsnorm_bwd"] > 0
     assert dispatch.launches["rope_fwd"] > 0 and dispatch.launches["glu_silu_fwd"] > 0
+    assert dispatch.launches["rope_bwd"] > 0   # (glu_mlp_backward does its elementwise part on the CPU path)
+    for name in ("attention_fwd", "attention_bwd_delta", "attention_bwd_dq", "attention_bwd_dkdv",
+                 "linear_cross_entropy_fwd", "linear_cross_entropy_bwd_dx", "linear_cross_entropy_bwd_dw"):
+        assert dispatch.launches[name] > 0, (name, dict(dispatch.launches))
     le = eager(**kw).loss
     check(out.loss.detach(), le.detach(), ref64(**kw).loss.detach(), "loss")
     params = dict(model.named_parameters())

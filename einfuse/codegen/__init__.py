@@ -11,10 +11,12 @@ expression table. `launch.py` runs generated kernels through the kernel cache
 `einfuse.runtime.dispatch` routes CUDA tensors (or EINFUSE_KERNELS=triton) to.
 
 `contraction.py` generates contraction programs from cascades with a split, iterated rank:
-`tl.dot` on tiles, running state carried across the tiles (attention forward from the 1-pass
-cascade of `einfuse.ir.attention_cascades`). Not generated yet: attention backward and the
-linear cross-entropy kernels (their cascades have two contractions per tile and outputs
-reduced over the parallel rank).
+`tl.dot` on tiles, running state carried across the tiles: attention forward (the 1-pass
+cascade of `einfuse.ir.attention_cascades`), attention backward (dQ with query rows in
+parallel; dK, dV with keys in parallel), and linear cross-entropy (the log-sum-exp over
+vocabulary tiles; dX with tokens in parallel; dW, dB with vocabulary rows in parallel). A full
+rank wider than one block (the hidden size of a loss) is tiled: contractions over it loop over
+its tiles, and outputs indexed by it are split over grid axis 2.
 """
 
 from __future__ import annotations

@@ -54,6 +54,8 @@ def aot_compile(c: Cascade, name: str, dtypes: dict[str, torch.dtype], config: d
         const = {"BLOCK_P": config["block_p"], "BLOCK_M": config["block_m"], "DOT_F32": False}
         for r in meta["full"]:
             const[f"BLOCK_{row._ident(r).upper()}"] = config[f"block_{r}"]
+        for r in meta.get("contracted", ()):  # one block unless the config tiles the contraction
+            const[f"{row._ident(r).upper()}_ONE_BLOCK"] = bool(config.get(f"one_block_{r}", True))
     sig = {a: ptr_types.get(a, "constexpr" if a in const else "i32") for a in fn.arg_names}
     src = ASTSource(fn, signature=sig, constexprs=const)
     opts = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)}

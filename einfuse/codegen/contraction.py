@@ -47,10 +47,13 @@ class ContractionProgram:
     layout: dict                  # tensor -> axis-1 rank (None: [p, 1])
     where: dict                   # einsum out -> "before" | "loop" | "after"
     state: dict                   # running-state einsum out -> init
+    columns: tuple = ()           # full ranks that outputs/state are indexed by (grid axis 2 tiles them)
+    contracted: tuple = ()        # full ranks a tl.dot contracts (a K-loop when not one block)
 
     def meta(self) -> dict:
         c = self.cascade
         return {"program": "contraction", "par": self.par, "split": list(self.split), "full": list(self.full),
+                "columns": list(self.columns), "contracted": list(self.contracted),
                 "inputs": [[n, list(rs)] for n, rs in c.inputs],
                 "outputs": [[o, list(next(e.ranks for e in c.einsums if e.out == o))] for o in c.outputs]}
 
@@ -106,7 +109,9 @@ def analyse(c: Cascade) -> ContractionProgram:
     for o in c.outputs:
         if where[o] == "loop":
             raise CodegenError(f"output {o} is written inside the {m1} loop")
-    return ContractionProgram(c, par, (m, m1, m0), tuple(full), layout, where, state)
+    columns = tuple(r for r in full if r in layout.values())
+    contracted = tuple(r for r in full if any(e.reduce is Op.SUM and r in e.over for e in c.einsums))
+    return ContractionProgram(c, par, (m, m1, m0), tuple(full), layout, where, state, columns, contracted)
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,14 +144,17 @@ def emit(prog: ContractionProgram, kernel_name: str) -> str:
         rs = inputs.get(t) or out_ranks[t]
         w(", ".join([f"{_ident(t)}_stride_z", f"{_ident(t)}_stride_hd"] + [stride(t, r) for r in rs])
           + f", {_ident(t)}_head_div,")
-    w(", ".join(f"{b}: tl.constexpr" for b in dict.fromkeys(B.values())) + ", DOT_F32: tl.constexpr,")
+    ones = "".join(f" {_ident(r).upper()}_ONE_BLOCK: tl.constexpr," for r in prog.contracted)
+    w(", ".join(f"{b}: tl.constexpr" for b in dict.fromkeys(B.values())) + "," + ones + " DOT_F32: tl.constexpr,")
     w.depth -= 1
     w("):")
     w.depth += 1
     for line in str(c).splitlines():
         w(f"# {line}")
-    w(f"# contraction program: {p} tiled by BLOCK_P, {m} iterated in tiles {m1} of BLOCK_M ({m0}), "
-      f"{', '.join(prog.full)} one block each")
+    w(f"# contraction program: {p} tiled by BLOCK_P, {m} iterated in tiles {m1} of BLOCK_M ({m0})"
+      + "".join(f"; {r}: tiles of BLOCK_{_ident(r).upper()} over grid axis 2" for r in prog.columns)
+      + "".join(f"; sums over {r}: one block if {_ident(r).upper()}_ONE_BLOCK, else a loop over tiles"
+                for r in prog.contracted))
     w(f"pid_{rk[p]} = tl.program_id(0)")
     w("pid_z = tl.program_id(1)  # batch * heads")
     w("z = pid_z // size_heads")
@@ -156,11 +164,34 @@ def emit(prog: ContractionProgram, kernel_name: str) -> str:
         w(f"{v}_base = {v}_ptr + z.to(tl.int64) * {v}_stride_z + (hd // {v}_head_div).to(tl.int64) * {v}_stride_hd")
     w(f"{offs[p]} = pid_{rk[p]} * BLOCK_P + tl.arange(0, BLOCK_P)")
     w(f"{msk[p]} = {offs[p]} < size_{rk[p]}")
+    if prog.columns:
+        w("pid_c = tl.program_id(2)  # tile of the column rank(s)")
     for r in prog.full:
-        w(f"{offs[r]} = tl.arange(0, {B[r]})")
+        w(f"{offs[r]} = {'pid_c * ' + B[r] + ' + ' if r in prog.columns else ''}tl.arange(0, {B[r]})")
         w(f"{msk[r]} = {offs[r]} < size_{rk[r]}")
+    kofs = {r: f"offs_{rk[r]}k" for r in prog.contracted}   # offsets of a contracted rank's tile
+    kmsk = {r: f"{rk[r]}k_mask" for r in prog.contracted}
+    for r in prog.contracted:
+        w(f"if {_ident(r).upper()}_ONE_BLOCK:  # the whole of {r} in one tile")
+        w(f"    {kofs[r]} = tl.arange(0, {B[r]})")
+        w(f"    {kmsk[r]} = {kofs[r]} < size_{rk[r]}")
 
     loaded: dict[tuple, str] = {}
+
+    def load_text(t: str, axes, of: dict, mk: dict) -> str:
+        rs = [m0 if r == m else r for r in inputs[t]]
+        for r in rs:
+            if r not in axes:
+                raise CodegenError(f"{t}[{','.join(inputs[t])}] does not fit a [{axes[0]}, {axes[1]}] block")
+        parts, masks = [], []
+        for i, a in enumerate(axes):
+            if a is None or a not in rs:
+                continue
+            sl = "[:, None]" if i == 0 else "[None, :]"
+            parts.append(f"{of[a]}{sl} * {stride(t, m if a == m0 else a)}")
+            masks.append(f"{mk[a]}{sl}")
+        ptr = f"{_ident(t)}_base + " + " + ".join(parts) if parts else f"{_ident(t)}_base"
+        return f"tl.load({ptr}, mask={' & '.join(masks) or 'None'}, other=0.0)"
 
     def load(t: str, axes: tuple[str | None, str | None], as_dot: bool, scope: list) -> str:
         """Load input t as a [axes[0], axes[1]] block (None: broadcast dim of size 1)."""
@@ -253,6 +284,10 @@ def emit(prog: ContractionProgram, kernel_name: str) -> str:
                 if any(not ranks_of(f) <= {k, n_rank} for f in b_side) or any(
                         not ranks_of(f) <= {p, k} for f in a_side) or not a_side:
                     raise CodegenError(f"{e.out} is a sum over {k} but not a [{p},{k}] @ [{k},{n_rank}] product")
+                if k in prog.contracted:
+                    emit_kloop(e, var, k, n_rank, a_side, b_side, outer, lines, env)
+                    env[e.out] = var
+                    return
                 a_txt = " * ".join(value(f, (p, k), lines, env) if f.op is not Op.READ or f.arg[0] not in inputs
                                    else load(f.arg[0], (p, k), True, lines) for f in a_side)
                 b_parts = []
@@ -271,12 +306,56 @@ def emit(prog: ContractionProgram, kernel_name: str) -> str:
                     dot = " * ".join([value(f, (p, n_rank), lines, env) for f in outer] + [dot])
                 lines.append(f"{var} = {dot}")
             else:
-                if k != m0 and k not in prog.full:
-                    raise CodegenError(f"{e.out} reduces over {k}")
+                if (k != m0 and k not in prog.full) or k in prog.columns or k in prog.contracted:
+                    raise CodegenError(f"{e.out} reduces over {k} (not the tile rank {m0} or a one-block rank)")
                 val = value(e.expr, (p, k), lines, env)
                 red, neutral = ("sum", "0.0") if e.reduce is Op.SUM else ("max", "float(\"-inf\")")
                 lines.append(f"{var} = tl.{red}(tl.where({msk[k]}[None, :], {val}, {neutral}), axis=1, keep_dims=True)")
         env[e.out] = var
+
+    def emit_kloop(e: Einsum, var: str, k: str, n_rank: str, a_side, b_side, outer, lines: list, env: dict):
+        """A sum over a full rank k of [p,k] @ [k,n] inputs: one tl.dot when k fits one block
+        (K_ONE_BLOCK), else a loop over k tiles accumulating the dots."""
+        for f in a_side + b_side:
+            if f.op is not Op.READ or f.arg[0] not in inputs:
+                raise CodegenError(f"{e.out} sums over {k}, tiled: both sides of the product must be inputs")
+        KU = _ident(k).upper()
+        of, mk = {**offs, k: kofs[k]}, {**msk, k: kmsk[k]}
+        b_ty = f"{_ident(b_side[0].arg[0])}_ptr.dtype.element_ty"
+
+        def names(side, axes, suffix):
+            return [f"{_ident(f.arg[0])}_{''.join(rk.get(a, '1') for a in axes)}{suffix}" for f in side]
+
+        def dot(an, bn):
+            return (f"tl.dot(_dot_in(({' * '.join(an)}).to({b_ty}), DOT_F32), "
+                    f"_dot_in({' * '.join(bn)}, DOT_F32), input_precision=\"ieee\")")
+        helpers.add("_dot_in")
+        an, bn = names(a_side, (p, k), "k"), names(b_side, (k, n_rank), "k")
+        lines.append(f"if {KU}_ONE_BLOCK:")
+        for f, nm in zip(a_side, an):
+            t = f.arg[0]
+            hoist = m0 not in [m0 if r == m else r for r in inputs[t]]
+            text = f"{nm} = {load_text(t, (p, k), of, mk)}"
+            if hoist:  # loaded once, before the loop over {m1}
+                if "    " + text not in pre:
+                    pre.extend([f"if {KU}_ONE_BLOCK:", "    " + text])
+            else:
+                lines.append("    " + text)
+        for f, nm in zip(b_side, bn):
+            lines.append(f"    {nm} = {load_text(f.arg[0], (k, n_rank), of, mk)}")
+        lines.append(f"    {var} = {dot(an, bn)}")
+        lines.append(f"else:  # {k} in tiles of BLOCK_{KU}")
+        lines.append(f"    {var} = tl.zeros([BLOCK_P, {B[n_rank]}], tl.float32)")
+        lines.append(f"    for {rk[k]}_t in range(0, tl.cdiv(size_{rk[k]}, {B[k]})):")
+        lines.append(f"        {kofs[k]} = {rk[k]}_t * {B[k]} + tl.arange(0, {B[k]})")
+        lines.append(f"        {kmsk[k]} = {kofs[k]} < size_{rk[k]}")
+        for f, nm in zip(a_side, an):
+            lines.append(f"        {nm} = {load_text(f.arg[0], (p, k), of, mk)}")
+        for f, nm in zip(b_side, bn):
+            lines.append(f"        {nm} = {load_text(f.arg[0], (k, n_rank), of, mk)}")
+        lines.append(f"        {var} += {dot(an, bn)}")
+        if outer:
+            lines.append(f"{var} = " + " * ".join([value(f, (p, n_rank), lines, env) for f in outer] + [var]))
 
     env: dict[str, str] = {}
     pre: list[str] = []
@@ -315,6 +394,8 @@ def emit(prog: ContractionProgram, kernel_name: str) -> str:
         n_rank = prog.layout[o]
         ptr = f"{_ident(o)}_base + {offs[p]}[:, None] * {stride(o, p)}"
         mask = f"{msk[p]}[:, None]"
+        if prog.columns and not n_rank:
+            mask += f" & ({offs[p]}[:, None] * 0 + pid_c == 0)"  # one column tile stores what does not vary over it
         if n_rank:
             ptr += f" + {offs[n_rank]}[None, :] * {stride(o, n_rank)}"
             mask += f" & {msk[n_rank]}[None, :]"

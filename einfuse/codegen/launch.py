@@ -338,8 +338,19 @@ def _tuned(k: Kernel, bucket: dict, dtypes: list[str], cands: list[dict], run_on
 # ---------------------------------------------------------------------------------------
 # launching a contraction program
 
+MAX_FULL_BLOCK = 256   # a full rank (head dim, hidden size) wider than this is tiled: see contraction.py
+FULL_TILE = 64         # ... in tiles of this many
+
+
 def contraction_interpreter_config(sizes: dict[str, int]) -> dict:
     return {"block_p": 16, "block_m": 16, "num_warps": 4, "num_stages": 1}
+
+
+def full_block(size: int, cfg: dict) -> int:
+    """The block of a full rank: all of it (>= 16, a power of 2) up to cfg["max_full"], else tiles."""
+    cap = cfg.get("max_full", MAX_FULL_BLOCK)
+    b = max(16, _np2(size))
+    return b if b <= cap else max(16, cfg.get("full_tile", min(FULL_TILE, cap)))
 
 
 def _contraction_candidates() -> list[dict]:
@@ -395,15 +406,22 @@ def launch_contraction(k: Kernel, inputs: dict[str, torch.Tensor], outputs: dict
 
     def run_once(cfg: dict) -> None:
         kw = {"BLOCK_P": cfg["block_p"], "BLOCK_M": cfg["block_m"], "DOT_F32": interp}
+        col_tiles = 1
         for r in full:
-            kw[f"BLOCK_{row._ident(r).upper()}"] = max(16, _np2(sizes[r]))
+            b = full_block(sizes[r], cfg)
+            kw[f"BLOCK_{row._ident(r).upper()}"] = b
+            if r in meta.get("contracted", ()):
+                kw[f"{row._ident(r).upper()}_ONE_BLOCK"] = b >= sizes[r]
+            if r in meta.get("columns", ()):
+                col_tiles = max(col_tiles, -(-sizes[r] // b))
         if not interp:
             kw.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-            ident = (k.key, cfg["block_p"], cfg["block_m"], cfg["num_warps"], cfg["num_stages"])
+            ident = (k.key, cfg["block_p"], cfg["block_m"], cfg["num_warps"], cfg["num_stages"],
+                     tuple(sorted((a, b) for a, b in kw.items() if a.startswith("BLOCK_") or a.endswith("_ONE_BLOCK"))))
             if ident not in _compiled:
                 _compiled.add(ident)
                 kcache.bump("compiled")
-        grid = (-(-sizes[par] // cfg["block_p"]), Z * H)
+        grid = (-(-sizes[par] // cfg["block_p"]), Z * H, col_tiles)
         with _fp_quiet(interp):
             k.fn[grid](*args, **kw)
 

@@ -222,19 +222,182 @@ def attention_forward(scale: float, mask: str | None = None, softcap: float = 0.
     return Cascade("attention_fwd", c.inputs, c.einsums + (lse,), c.outputs + ("LSE",), c.notes, c.splits)
 
 
-@functools.lru_cache(maxsize=64)
 def linear_cross_entropy_forward() -> Cascade:
-    """Log-sum-exp of the logits X @ W^T without materialising them: the 2-pass cascade
-    (max, then sum of exp) turned 1-pass by `online_softmax` over vocabulary tiles (v1, v0).
-    The loss is LSE - X . W[target], which the host computes (a gather and a row dot)."""
+    """Log-sum-exp of the logits X @ W^T without materialising them (no bias, no cap): see
+    `linear_cross_entropy_lse`. The loss is LSE - X . W[target], which the host computes."""
+    return linear_cross_entropy_lse()
+
+
+# ---------------------------------------------------------------------------------------
+# attention backward (contraction programs; no online softmax: LSE and DELTA come from
+# the forward and a row program, so every sum over the iterated rank is a plain running sum)
+
+def _running_sum(local: str, run: str, outer: str, ranks: tuple[str, ...], expr: Node, inner: str) -> tuple:
+    """LOCAL[outer, *ranks] = sum_inner expr;  RUN[outer+1, *ranks] = RUN[outer, *ranks] + LOCAL (from 0)."""
+    return (Einsum(local, (outer,) + ranks, expr, Op.SUM, (inner,)),
+            Einsum(run, (f"{outer}+1",) + ranks, _add(read(run, outer, *ranks), read(local, outer, *ranks)), init=0.0))
+
+
+def _scores(scale: float, mask: str | None, softcap: float, qk: Node, m_read: Node | None, tile: tuple) -> tuple:
+    """The Einsums from the contraction BQK to the masked scores BMQK (and BT = tanh(BQK/cap)
+    under soft-capping), indexed by `tile` (the loop ranks then the parallel rank)."""
+    es = [Einsum("BQK", tile, _mul(const(scale), *qk.src) if scale != 1.0 else qk, Op.SUM, ("e",))]
+    x = read("BQK", *tile)
+    if softcap > 0:
+        es.append(Einsum("BT", tile, _f(Op.TANH, _mul(x, const(1.0 / softcap)))))
+        x = _mul(const(softcap), read("BT", *tile))
+    if mask == "additive":
+        x = _add(x, m_read)
+    elif mask in ("bool", "causal"):
+        x = node(Op.WHERE, (m_read, x, const(float("-inf"))))
+    elif mask is not None:
+        raise ValueError(f"mask kind {mask!r}")
+    es.append(Einsum("BMQK", tile, x))
+    return tuple(es)
+
+
+def _ds(tile: tuple, lse: Node, delta: Node, softcap: float) -> tuple:
+    """BP = exp(BMQK - LSE) (the probabilities, recomputed), BDS = BP * (BDP - DELTA) [* (1 - BT^2)]."""
+    es = [Einsum("BP", tile, _f(Op.EXP, _add(read("BMQK", *tile), _neg(lse))))]
+    ds = _mul(read("BP", *tile), _add(read("BDP", *tile), _neg(delta)))
+    if softcap > 0:
+        ds = _mul(ds, _add(const(1.0), _neg(_mul(read("BT", *tile), read("BT", *tile)))))
+    return tuple(es), Einsum("BDS", tile, ds)
+
+
+@functools.lru_cache(maxsize=256)
+def attention_backward_dq(scale: float, mask: str | None = None, softcap: float = 0.0) -> Cascade:
+    """dQ = scale * sum_m dS[p,m] K[m,e], dS = P * (dP - DELTA), P = exp(S - LSE), dP = dO V^T;
+    query rows p in parallel, keys m iterated in tiles (m1, m0)."""
+    tile = ("m1", "m0", "p")
+    q, k, v, do = read("Q", "p", "e"), read("K", "m1", "m0", "e"), read("V", "m1", "m0", "f"), read("DO", "p", "f")
+    es = list(_scores(scale, mask, softcap, _mul(q, k), read("M", "p", "m1", "m0"), tile))
+    pe, ds = _ds(tile, read("LSE", "p"), read("DELTA", "p"), softcap)
+    es += list(pe)
+    es.append(Einsum("BDP", tile, _mul(do, v), Op.SUM, ("f",)))
+    es.append(ds)
+    es += _running_sum("LDQ", "RDQ", "m1", ("p", "e"), _mul(read("BDS", *tile), k), "m0")
+    es.append(Einsum("DQ", ("p", "e"), _mul(const(scale), read("RDQ", "M1", "p", "e"))))
+    ins = [("Q", ("p", "e")), ("K", ("m", "e")), ("V", ("m", "f")), ("DO", ("p", "f")), ("LSE", ("p",)),
+           ("DELTA", ("p",))]
+    if mask is not None:
+        ins.append(("M", ("p", "m")))
+    return Cascade("attention_bwd_dq", tuple(ins), tuple(es), ("DQ",), (), (("m", "m1", "m0"),))
+
+
+@functools.lru_cache(maxsize=256)
+def attention_backward_dkdv(scale: float, mask: str | None = None, softcap: float = 0.0) -> Cascade:
+    """dK = scale * sum_p dS[p,m] Q[p,e], dV = sum_p P[p,m] dO[p,f]; keys m in parallel, query
+    rows p iterated in tiles (p1, p0). Run per query head: the host sums a GQA group's dK, dV."""
+    tile = ("p1", "p0", "m")
+    q, k, v, do = read("Q", "p1", "p0", "e"), read("K", "m", "e"), read("V", "m", "f"), read("DO", "p1", "p0", "f")
+    es = list(_scores(scale, mask, softcap, _mul(k, q), read("M", "p1", "p0", "m"), tile))
+    pe, ds = _ds(tile, read("LSE", "p1", "p0"), read("DELTA", "p1", "p0"), softcap)
+    es += list(pe)
+    es += _running_sum("LDV", "RDV", "p1", ("m", "f"), _mul(read("BP", *tile), do), "p0")
+    es.append(Einsum("BDP", tile, _mul(v, do), Op.SUM, ("f",)))
+    es.append(ds)
+    es += _running_sum("LDK", "RDK", "p1", ("m", "e"), _mul(read("BDS", *tile), q), "p0")
+    es.append(Einsum("DK", ("m", "e"), _mul(const(scale), read("RDK", "P1", "m", "e"))))
+    es.append(Einsum("DV", ("m", "f"), read("RDV", "P1", "m", "f")))
+    ins = [("Q", ("p", "e")), ("K", ("m", "e")), ("V", ("m", "f")), ("DO", ("p", "f")), ("LSE", ("p",)),
+           ("DELTA", ("p",))]
+    if mask is not None:
+        ins.append(("M", ("p", "m")))
+    return Cascade("attention_bwd_dkdv", tuple(ins), tuple(es), ("DK", "DV"), (), (("p", "p1", "p0"),))
+
+
+@functools.lru_cache(maxsize=8)
+def attention_backward_delta() -> Cascade:
+    """DELTA[r] = sum_f DO[r,f] O[r,f] - DLSE[r] (a row program): the row term of dS."""
+    es = (Einsum("DOTS", ("r",), _mul(read("DO", "r", "f"), read("O", "r", "f")), Op.SUM, ("f",)),
+          Einsum("DELTA", ("r",), _add(read("DOTS", "r"), _neg(read("DLSE", "r")))))
+    return Cascade("attention_bwd_delta", (("DO", ("r", "f")), ("O", ("r", "f")), ("DLSE", ("r",))), es, ("DELTA",))
+
+
+# ---------------------------------------------------------------------------------------
+# linear cross-entropy with bias and soft-capping, and its backward
+
+def _lce_logits(tile: tuple, x: Node, w: Node, b: Node | None, softcap: float) -> tuple:
+    """BZ = sum_e X W (+ B), BT = tanh(BZ / cap), BZC = cap * BT: the (capped) logits of a tile."""
+    es = [Einsum("BZ", tile, _mul(x, w), Op.SUM, ("e",))]
+    z = read("BZ", *tile)
+    if b is not None:
+        es.append(Einsum("BZB", tile, _add(z, b)))
+        z = read("BZB", *tile)
+    if softcap > 0:
+        es.append(Einsum("BT", tile, _f(Op.TANH, _mul(z, const(1.0 / softcap)))))
+        es.append(Einsum("BZC", tile, _mul(const(softcap), read("BT", *tile))))
+    return tuple(es)
+
+
+def _lce_logit_name(bias: bool, softcap: float) -> str:
+    return "BZC" if softcap > 0 else ("BZB" if bias else "BZ")
+
+
+@functools.lru_cache(maxsize=64)
+def linear_cross_entropy_lse(bias: bool = False, softcap: float = 0.0) -> Cascade:
+    """LSE[p] = log sum_v exp(Z[p,v]), Z = cap * tanh((X W^T + B) / cap): the 2-pass cascade made
+    1-pass by `online_softmax` over vocabulary tiles (v1, v0)."""
     from einfuse.ir.attention_cascades import online_softmax
     x, w = read("X", "p", "e"), read("W", "v", "e")
-    es = (
-        Einsum("Z", ("p", "v"), _mul(x, w), Op.SUM, ("e",)),
-        Einsum("GM", ("p",), read("Z", "p", "v"), Op.MAX, ("v",)),
-        Einsum("SN", ("p", "v"), _f(Op.EXP, _add(read("Z", "p", "v"), _neg(read("GM", "p"))))),
+    es = [Einsum("Z", ("p", "v"), _mul(x, w), Op.SUM, ("e",))]
+    z = read("Z", "p", "v")
+    if bias:
+        es.append(Einsum("ZB", ("p", "v"), _add(z, read("B", "v"))))
+        z = read("ZB", "p", "v")
+    if softcap > 0:
+        es.append(Einsum("ZC", ("p", "v"), _mul(const(softcap), _f(Op.TANH, _mul(z, const(1.0 / softcap))))))
+        z = read("ZC", "p", "v")
+    es += [
+        Einsum("GM", ("p",), z, Op.MAX, ("v",)),
+        Einsum("SN", ("p", "v"), _f(Op.EXP, _add(z, _neg(read("GM", "p"))))),
         Einsum("SD", ("p",), read("SN", "p", "v"), Op.SUM, ("v",)),
         Einsum("LSE", ("p",), _add(read("GM", "p"), _f(Op.LOG, read("SD", "p")))),
-    )
-    c = Cascade("linear_cross_entropy_fwd", (("X", ("p", "e")), ("W", ("v", "e"))), es, ("LSE",))
-    return online_softmax(c, rank="v", outer="v1", inner="v0")
+    ]
+    ins = (("X", ("p", "e")), ("W", ("v", "e"))) + ((("B", ("v",)),) if bias else ())
+    name = "linear_cross_entropy_fwd" + ("_bias" if bias else "") + ("_softcap" if softcap > 0 else "")
+    return online_softmax(Cascade(name, ins, tuple(es), ("LSE",)), rank="v", outer="v1", inner="v0")
+
+
+def _lce_grad_tile(tile: tuple, lse: Node, a: Node, bias: bool, softcap: float) -> Einsum:
+    """BG = A * exp(Z - LSE) [* (1 - BT^2)]: dloss/dlogit without the one-hot term (the host's)."""
+    g = _mul(a, _f(Op.EXP, _add(read(_lce_logit_name(bias, softcap), *tile), _neg(lse))))
+    if softcap > 0:
+        g = _mul(g, _add(const(1.0), _neg(_mul(read("BT", *tile), read("BT", *tile)))))
+    return Einsum("BG", tile, g)
+
+
+@functools.lru_cache(maxsize=64)
+def linear_cross_entropy_backward_dx(bias: bool = False, softcap: float = 0.0) -> Cascade:
+    """DX[p,e] = sum_v G[p,v] W[v,e], G = A[p] softmax(Z)[p,v] (* cap'); rows p in parallel,
+    the vocabulary iterated in tiles (v1, v0). The host subtracts the one-hot term."""
+    tile = ("v1", "v0", "p")
+    x, w = read("X", "p", "e"), read("W", "v1", "v0", "e")
+    es = list(_lce_logits(tile, x, w, read("B", "v1", "v0") if bias else None, softcap))
+    es.append(_lce_grad_tile(tile, read("LSE", "p"), read("A", "p"), bias, softcap))
+    es += _running_sum("LDX", "RDX", "v1", ("p", "e"), _mul(read("BG", *tile), w), "v0")
+    es.append(Einsum("DX", ("p", "e"), read("RDX", "V1", "p", "e")))
+    ins = [("X", ("p", "e")), ("W", ("v", "e")), ("LSE", ("p",)), ("A", ("p",))] + ([("B", ("v",))] if bias else [])
+    return Cascade("linear_cross_entropy_bwd_dx" + ("_bias" if bias else "") + ("_softcap" if softcap > 0 else ""),
+                   tuple(ins), tuple(es), ("DX",), (), (("v", "v1", "v0"),))
+
+
+@functools.lru_cache(maxsize=64)
+def linear_cross_entropy_backward_dw(bias: bool = False, softcap: float = 0.0) -> Cascade:
+    """DW[v,e] = sum_p G[p,v] X[p,e] and DB[v] = sum_p G[p,v]; vocabulary rows v in parallel, the
+    tokens iterated in tiles (p1, p0). The host subtracts the one-hot term."""
+    tile = ("p1", "p0", "v")
+    x, w = read("X", "p1", "p0", "e"), read("W", "v", "e")
+    es = list(_lce_logits(tile, w, x, read("B", "v") if bias else None, softcap))
+    es.append(_lce_grad_tile(tile, read("LSE", "p1", "p0"), read("A", "p1", "p0"), bias, softcap))
+    es += _running_sum("LDW", "RDW", "p1", ("v", "e"), _mul(read("BG", *tile), x), "p0")
+    es.append(Einsum("DW", ("v", "e"), read("RDW", "P1", "v", "e")))
+    outs = ("DW",)
+    if bias:
+        es += _running_sum("LDB", "RDB", "p1", ("v",), read("BG", *tile), "p0")
+        es.append(Einsum("DB", ("v",), read("RDB", "P1", "v")))
+        outs = ("DW", "DB")
+    ins = [("X", ("p", "e")), ("W", ("v", "e")), ("LSE", ("p",)), ("A", ("p",))] + ([("B", ("v",))] if bias else [])
+    return Cascade("linear_cross_entropy_bwd_dw" + ("_bias" if bias else "") + ("_softcap" if softcap > 0 else ""),
+                   tuple(ins), tuple(es), outs, (), (("p", "p1", "p0"),))

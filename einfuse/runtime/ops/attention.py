@@ -9,6 +9,10 @@ Computes, per batch b and query head h (kv head ``h // (Hq // Hkv)``, as HF ``re
     s   = -inf where j <= i + (T - S) - window        if window > 0 (Mistral sliding window)
     out = softmax(s, -1) @ v,   lse = logsumexp(s, -1)
 
+Device dispatch: CUDA tensors (or CPU tensors with EINFUSE_KERNELS=triton and TRITON_INTERPRET=1)
+run the generated Triton kernels of ``einfuse.codegen.ops.attention`` / ``attention_backward``
+instead of what follows (via ``einfuse.runtime.dispatch``; a kernel failure falls back here).
+
 Algorithm (CPU). The eager cascade traverses the key rank three times (max, sum, A @ V).
 The tiled path here is the 1-pass cascade: keys are split into tiles of ``BLOCK_K`` and a
 running max ``m``, denominator ``l`` and numerator ``acc`` are carried across tiles, the old
@@ -58,7 +62,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from einfuse.runtime import counters
+from einfuse.runtime import counters, dispatch
 
 __all__ = ["attention", "attention_op", "attention_backward_op"]
 
@@ -362,6 +366,9 @@ def attention_op(
     """Returns (out [B, Hq, S, Dv] in q.dtype, lse [B, Hq, S] in fp32 (fp64 for fp64 q))."""
     counters.bump("attention")
     _check(q, k, v, mask)
+    res = dispatch.try_triton("attention", q, k, v, mask, scale, is_causal, window, softcap, sdpa_masked_rows)
+    if res is not None:  # CUDA (or EINFUSE_KERNELS=triton): the generated kernel
+        return res
     plan = _native_plan(q, k, v, mask, is_causal, window, softcap, sdpa_masked_rows)
     if plan is not None:
         return _forward_native(q, k, v, plan, scale)
@@ -395,6 +402,10 @@ def attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv) shaped and typed like q, k, v (contiguous)."""
     counters.bump("attention_backward")
+    res = dispatch.try_triton("attention_backward", grad_out, grad_lse, q, k, v, out, lse, mask, scale, is_causal,
+                              window, softcap, sdpa_masked_rows)
+    if res is not None:  # CUDA (or EINFUSE_KERNELS=triton): the generated kernels
+        return res
     plan = None
     if grad_lse is None and _native_backward_ok(lse):  # ATen's backward has no lse-gradient input
         plan = _native_plan(q, k, v, mask, is_causal, window, softcap, sdpa_masked_rows)

@@ -4,7 +4,8 @@ loss = reduce_i [ lse_i - x_i[y_i] + z_loss * lse_i**2 ]  over rows with y_i != 
 x = hidden @ weight.T + bias  (then softcap * tanh(x / softcap) if softcap > 0),
 lse_i = logsumexp_j x_ij.
 
-Algorithm (CPU implementation, used for every device for now)
+Algorithm (CPU implementation; CUDA tensors, or EINFUSE_KERNELS=triton, take the generated
+Triton kernels of `einfuse.codegen.ops.linear_cross_entropy` instead, via `einfuse.runtime.dispatch`)
 -------------------------------------------------------------
 The [N, V] logits are never materialised. Rows with an ignored label are dropped
 up front (they cost nothing), then the remaining tokens are walked in chunks of
@@ -59,7 +60,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from einfuse.runtime import counters
+from einfuse.runtime import counters, dispatch
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_op", "CHUNK_BYTES"]
 
@@ -171,6 +172,10 @@ def linear_cross_entropy_op(
     bad = valid & ((labels < 0) | (labels >= v))
     if bool(bad.any()):
         raise IndexError(f"linear_cross_entropy: label {int(labels[bad][0])} out of range for vocabulary size {v}")
+    res = dispatch.try_triton("linear_cross_entropy", hidden, weight, labels, bias, ignore_index, reduction, z_loss,
+                              softcap, return_logits, need_grad_hidden, need_grad_weight, need_grad_bias)
+    if res is not None:  # CUDA (or EINFUSE_KERNELS=triton): the generated kernels
+        return res
     n_valid = int(valid.sum())
 
     # fp32 views/copies of the operands (no copy for fp32 inputs).
