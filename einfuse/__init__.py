@@ -8,16 +8,17 @@
 import logging as _logging
 import os as _os
 
-from einfuse.api import inspect, optimize
+from einfuse.api import InputMismatchError, inspect, optimize
 from einfuse.calibrate import calibrate
 from einfuse.passes.layer_skip import layers_for_speedup
+from einfuse.capture import compile_stats
 from einfuse.capture.backend import einfuse_backend, last_report
 from einfuse.config import OptimizeConfig
 from einfuse.report import Region, Report
 from einfuse.runtime import counters
 
 __all__ = ["optimize", "inspect", "OptimizeConfig", "Report", "Region", "einfuse_backend", "last_report", "counters",
-           "calibrate", "layers_for_speedup"]
+           "calibrate", "layers_for_speedup", "InputMismatchError", "compile_stats"]
 __version__ = "0.1.0"
 
 

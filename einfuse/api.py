@@ -15,9 +15,86 @@ from einfuse.config import OptimizeConfig
 from einfuse.report import Report
 
 
+class InputMismatchError(ValueError):
+    """One call of an optimized model mixes devices (or floating dtypes the model rejects)."""
+
+
 def _compile(fn: Callable, config: OptimizeConfig, report: Report) -> Callable:
-    return torch.compile(fn, backend=make_backend(config, report), dynamic=config.dynamic,
-                         fullgraph=config.fullgraph)
+    compiled = torch.compile(fn, backend=make_backend(config, report), dynamic=config.dynamic,
+                             fullgraph=config.fullgraph)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            if not config.ddp_optimizer and _distributed():
+                # Dynamo's DDPOptimizer would split the graph at DDP's gradient buckets and cut
+                # fusions apart (OptimizeConfig.ddp_optimizer); it reads this flag per frame
+                with torch._dynamo.config.patch(optimize_ddp=False):
+                    return compiled(*args, **kwargs)
+            return compiled(*args, **kwargs)
+        except Exception as e:
+            _raise_if_mixed(e, args, kwargs)
+            raise
+
+    run.__wrapped__ = fn  # type: ignore[attr-defined]
+    return run
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def _call_tensors(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
+    """(description, tensor) for every tensor taking part in a call, a module's own included."""
+    from torch.utils._pytree import tree_flatten_with_path, keystr
+    out: list[tuple[str, torch.Tensor]] = []
+    for i, a in enumerate(args):
+        if isinstance(a, nn.Module):
+            out += [(f"parameter {n!r}", p) for n, p in a.named_parameters()]
+            out += [(f"buffer {n!r}", b) for n, b in a.named_buffers()]
+            continue
+        leaves, _ = tree_flatten_with_path(a)
+        out += [(f"argument {i}{keystr(k)}", t) for k, t in leaves if isinstance(t, torch.Tensor)]
+    for name, a in kwargs.items():
+        leaves, _ = tree_flatten_with_path(a)
+        out += [(f"argument {name!r}{keystr(k)}", t) for k, t in leaves if isinstance(t, torch.Tensor)]
+    return out
+
+
+def _summary(groups: dict[str, list[str]]) -> str:
+    parts = []
+    for key, names in groups.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        parts.append(f"{key}: {shown}")
+    return "; ".join(parts)
+
+
+def _raise_if_mixed(error: Exception, args: tuple, kwargs: dict) -> None:
+    """After a failed call: if the call mixed devices, or mixed floating dtypes and the failure is
+    a dtype error, raise InputMismatchError naming which tensors are where (chained to the
+    original error). Runs only on failure: the happy path pays nothing."""
+    try:
+        tensors = _call_tensors(args, kwargs)
+    except Exception:  # describing the inputs must never hide the original error
+        return
+    by_device: dict[str, list[str]] = {}
+    for name, t in tensors:
+        by_device.setdefault(str(t.device), []).append(name)
+    if len(by_device) > 1:
+        raise InputMismatchError(
+            f"einfuse: one call mixes tensors on {len(by_device)} devices ({_summary(by_device)}); "
+            "move the inputs, parameters and buffers to one device") from error
+    msg = str(error).lower()
+    if "dtype" in msg or "scalar type" in msg:
+        by_dtype: dict[str, list[str]] = {}
+        for name, t in tensors:
+            if t.is_floating_point():
+                by_dtype.setdefault(str(t.dtype).removeprefix("torch."), []).append(name)
+        if len(by_dtype) > 1:
+            first = next((ln.strip() for ln in str(error).splitlines() if "dtype" in ln.lower()), "")
+            raise InputMismatchError(
+                f"einfuse: one call mixes floating dtypes ({_summary(by_dtype)}) and the model rejects "
+                f"the mix ({first}); cast the inputs to the model's dtype") from error
 
 
 class _Optimized:
@@ -75,13 +152,20 @@ def _attach(module: nn.Module, config: OptimizeConfig) -> None:
 def _optimize_module(model: nn.Module, config: OptimizeConfig) -> nn.Module:
     if isinstance(model, _Optimized):
         # optimizing twice is harmless: re-bind the options, keep one level of compilation
-        new = copy.copy(model)
-        new.__dict__ = dict(model.__dict__)
+        new = _shallow_copy(model, type(model))
         _attach(new, config)
         return new
-    new = copy.copy(model)  # shallow: shares _parameters, _buffers and _modules with the original
-    new.__class__ = _optimized_class(type(model))
+    new = _shallow_copy(model, _optimized_class(type(model)))
     _attach(new, config)
+    return new
+
+
+def _shallow_copy(model: nn.Module, cls: type) -> nn.Module:
+    """A new instance of `cls` with a copy of model's __dict__: it shares _parameters, _buffers,
+    _modules and the hook tables with the original. Not `copy.copy`: classes such as FSDP2's
+    (`fully_shard`) re-run __init__ in __new__, which a copy cannot do."""
+    new = object.__new__(cls)
+    new.__dict__ = dict(model.__dict__)
     return new
 
 

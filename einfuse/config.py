@@ -29,6 +29,12 @@ class OptimizeConfig:
         middle of the stack, first and last kept), in [0, 1); see ``einfuse.layers_for_speedup`` and
         einfuse/passes/layer_skip.py. 0: off.
     calibration: an ``einfuse.calibrate(...)`` result (``einfuse.calibrate.Calibration``) for ``sparsity``.
+    ddp_optimizer: under torch.distributed, let Dynamo's DDPOptimizer split the captured graph at
+        DistributedDataParallel's gradient-bucket boundaries (True), or not (False, the default:
+        `torch._dynamo.config.optimize_ddp` is set to False while the optimized model runs). Splitting
+        lets the all-reduce of early buckets overlap the rest of the backward, but a split can cut a
+        fusion apart (a gated MLP whose weights fall in two buckets is left unfused); without it the
+        model is one graph, every fusion is kept, and DDP's all-reduce runs after the backward.
 
     Quantization (`einfuse.optimize` on an nn.Module; see einfuse/passes/quantize.py):
     quantize: None, a scheme name ("int8", "int4", "int6", "llm_int8", "w8a8") or a dict
@@ -52,6 +58,7 @@ class OptimizeConfig:
     sparsity: dict | None = None
     layer_skip: float = 0.0
     calibration: object | None = None
+    ddp_optimizer: bool = False
     quantize: str | dict | None = None
     quant_group_size: int | None = None
     quant_symmetric: bool = True

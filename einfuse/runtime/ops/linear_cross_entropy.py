@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from einfuse.runtime import counters, dispatch
+from einfuse.runtime.ops._checks import same_device
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_op", "CHUNK_BYTES"]
 
@@ -265,15 +266,19 @@ def linear_cross_entropy_op(
             wy = torch.full((c,), w_scale, dtype=f32, device=dev)
             if row_valid is not None:
                 wy = wy.masked_fill(~vmask, 0.0)
-            a_vec = wy * (1.0 + 2.0 * z_loss * lse) if z_loss != 0.0 else wy
+            # 1 - r = 2 z lse wy / a, formed directly: r itself is within eps of 1 for small z,
+            # and p_y - r would cancel; (p_y - 1) + (1 - r) keeps eager's accuracy.
+            zterm = wy * (2.0 * z_loss) * lse if z_loss != 0.0 else torch.zeros_like(wy)
+            a_vec = wy + zterm
             nz = a_vec != 0
-            r = torch.where(nz, wy / torch.where(nz, a_vec, 1.0), 0.0)
+            one_minus_r = torch.where(nz, zterm / torch.where(nz, a_vec, 1.0), 1.0)
             deg = ~nz & (wy != 0)
             if bool(deg.any()):  # 1 + 2 z lse == 0 exactly: gradient is -wy * onehot only
                 x.masked_fill_(deg.unsqueeze(1), 0.0)
                 a_vec = torch.where(deg, 1.0, a_vec)
-                r = torch.where(deg, wy, r)
-            x.scatter_add_(1, y2, r.neg().unsqueeze(1))
+                one_minus_r = torch.where(deg, 1.0 - wy, one_minus_r)
+            x.scatter_add_(1, y2, neg_ones[:c])
+            x.scatter_add_(1, y2, one_minus_r.unsqueeze(1))
         if softcap > 0.0:
             x.mul_(dcap)  # chain rule through the cap
         if need_grad_hidden:
@@ -303,6 +308,7 @@ def linear_cross_entropy_op(
 @linear_cross_entropy_op.register_fake
 def _(hidden, weight, labels, bias, ignore_index, reduction, z_loss, softcap, return_logits,
       need_grad_hidden, need_grad_weight, need_grad_bias):
+    same_device("linear_cross_entropy", hidden=hidden, weight=weight, labels=labels, bias=bias)
     n, hdim = hidden.shape
     v = weight.shape[0]
     f32 = torch.float32

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from einfuse.runtime import counters, dispatch
+from einfuse.runtime.ops._checks import same_device
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -142,6 +143,7 @@ def rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -
 
 @rope_op.register_fake
 def _(q, k, cos, sin, interleaved):
+    same_device("rope", q=q, k=k, cos=cos, sin=sin)
     _check(q, k, cos, sin, interleaved)
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
         k, memory_format=torch.contiguous_format
@@ -161,6 +163,7 @@ def rope_backward_op(
 
 @rope_backward_op.register_fake
 def _(grad_q, grad_k, cos, sin, interleaved):
+    same_device("rope_backward", grad_q=grad_q, grad_k=grad_k, cos=cos, sin=sin)
     return torch.empty_like(grad_q, memory_format=torch.contiguous_format), torch.empty_like(
         grad_k, memory_format=torch.contiguous_format
     )
