@@ -107,6 +107,51 @@ class Report:
     def __str__(self) -> str:
         return self.to_markdown()
 
+    def to_html(self, title: str = "einfuse report", **options: Any) -> str:
+        """One self-contained HTML page with graph pictures; see einfuse.report_html.to_html."""
+        from einfuse.report_html import to_html
+        return to_html(self, title=title, **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything in the report as JSON-ready data (expressions as strings, costs also as numbers)."""
+        def num(cost: Any, e: Any) -> Any:
+            try:
+                v = cost.subs(e)
+                return v if isinstance(v, (int, float)) else str(v)
+            except Exception:  # noqa: BLE001 - a size the example does not fix
+                return None
+
+        out: dict[str, Any] = {
+            "graphs": self.graphs,
+            "fusions": self.fusions,
+            "passes": [{"graph": p.graph, "name": p.name, "changed": p.changed, "matched": p.matched,
+                        "rejected": p.rejected} for p in self.passes],
+            "regions": [{"id": r.id, "kind": r.kind, "fused": r.fused, "anchor": r.anchor, "nodes": r.nodes,
+                         "reason": r.reason, "cascades": {k: str(c) for k, c in r.cascades.items()},
+                         "bindings": {k: _short(v) for k, v in r.bindings.items()}} for r in self.regions],
+            "unfused": [{"id": r.id, "kind": r.kind, "anchor": r.anchor, "reason": r.reason} for r in self.unfused],
+            "pass_counts": {rid: {rank: [pc.unfused, pc.fused] for rank, pc in counts.items()}
+                            for rid, counts in self.pass_counts.items()},
+            "notes": list(self.notes),
+        }
+        if self.cost_before is not None and self.cost_after is not None:
+            cost = {}
+            for side, c in (("before", self.cost_before), ("after", self.cost_after)):
+                metrics = {"flops": c.flops, "matmul_flops": c.matmul_flops, "bytes_moved": c.bytes_moved,
+                           "peak_bytes": c.peak_bytes}
+                try:
+                    metrics["bytes_lower_bound"] = c.lower_bound_on()
+                except Exception:  # noqa: BLE001
+                    pass
+                cost[side] = {k: {"value": num(c, e), "expr": str(e)} for k, e in metrics.items()}
+            cost["example_sizes"] = dict(self.cost_after.example_sizes or self.cost_before.example_sizes)
+            out["cost"] = cost
+        try:
+            out["kernels"] = self.kernels
+        except Exception as e:  # noqa: BLE001
+            out["kernels"] = {"error": f"{type(e).__name__}: {e}"}
+        return out
+
 
 def _short(v: Any) -> str:
     s = repr(v) if not isinstance(v, str) else v
