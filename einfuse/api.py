@@ -230,6 +230,12 @@ def inspect(model: Any, *example_args: Any, config: OptimizeConfig | None = None
     """
     cfg = config or OptimizeConfig()
     report = Report()
+    if cfg.quantize is not None:
+        if not isinstance(model, nn.Module):
+            raise ValueError("quantize= replaces a module's linear layers: inspect an nn.Module, not a function")
+        # quantization changes parameters in place; inspection must leave the caller's model as it was
+        model = copy.deepcopy(model)
+        _apply_quantization(model, cfg, report)
     if isinstance(model, nn.Module):
         target = model.forward
     elif callable(model):

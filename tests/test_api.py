@@ -164,3 +164,16 @@ def test_report_markdown_lists_passes_and_cascades():
     assert p.changed and "ops_rmsnorm_rms_norm(" in p.after and "ops_rmsnorm_rms_norm(" not in p.before
     ids_ = [r.id for r in report.regions]
     assert len(set(ids_)) == len(ids_)
+
+
+def test_inspect_with_quantize_reports_it_and_leaves_the_model_untouched():
+    from hf_models import build, inputs
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = einfuse.inspect(model, config=einfuse.OptimizeConfig(quantize="int8"), **inputs("llama"))
+    assert report.fusions.get("quantize", 0) > 0
+    assert report.fusions.get("swiglu", 0) > 0  # the fusions still find the quantized projections
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(type(m) is not nn.Linear or m.weight.dtype == torch.float32 for m in model.modules())
