@@ -240,11 +240,15 @@ def test_peak_memory_of_fused_graphs(llama_report, llama_dynamic):
     rep2 = Report()
     fused = run_pipeline(gm, PassContext(OptimizeConfig(), rep2))
     assert rep2.fusions["attention"] == 1 and rep2.fusions["linear_cross_entropy"] == 1
+    assert rep2.fusions["rmsnorm"] == 3
     cost = GraphCost(fused, training=True)
-    for b, s in SIZES[1:]:
-        measured = _measure(fused, _args_at(fused, ex, cost, b, s), True)
-        predicted = Cost([cost]).subs(cost.peak_bytes, batch=b, seq=s)
-        assert abs(predicted - measured) <= 0.15 * measured, (b, s, predicted, measured)
+    inference = GraphCost(fused, training=False)
+    for b, s in SIZES:
+        args = _args_at(fused, ex, cost, b, s)
+        for name, g, train in (("inference", inference, False), ("training", cost, True)):
+            measured = _measure(fused, args, train)
+            predicted = Cost([g]).subs(g.peak_bytes, batch=b, seq=s)
+            assert abs(predicted - measured) <= 0.15 * measured, (name, b, s, predicted, measured)
 
 
 def test_tracker_counts_storages_not_views():
@@ -255,6 +259,48 @@ def test_tracker_counts_storages_not_views():
         del z
     assert t.peak == 2 * 1000 * 4
     assert t.current == 1000 * 4
+
+
+def _norm_eager(x, w):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+
+def test_tracker_sees_compiled_fused_ops_and_what_they_save():
+    """The tracker must measure what a compiled (einfuse.optimize'd) function runs, not the eager
+    code: the fused RMSNorm keeps its output and per-row rstd for backward, eager also keeps
+    x * rstd, so the fused forward leaves about half as many bytes alive and peaks lower.
+    (A dispatch mode without `ignore_compile_internals` makes Dynamo run the eager frame --
+    and keep skipping it after the mode exits: the two would then measure the same.)"""
+    from einfuse.runtime import counters
+    torch._dynamo.reset()
+    x = torch.randn(64, 512, requires_grad=True)
+    w = (torch.rand(512) + 0.5).requires_grad_()    # a weight: eager's last mul saves x * rstd
+    opt = einfuse.optimize(_norm_eager)
+
+    def run(fn):
+        with LiveStorageTracker() as t:
+            y = fn(x, w)
+            after_forward = t.current          # the output and what autograd saved
+            y.sum().backward()
+            del y
+        x.grad = w.grad = None
+        return after_forward, t.peak
+
+    eager_live, eager_peak = run(_norm_eager)
+    with counters.counting() as calls:
+        fused_live, fused_peak = run(opt)       # compiled under the tracker on this first call
+    assert calls["rmsnorm"] == 1
+    row_bytes = x.numel() * 4
+    assert eager_live >= 2 * row_bytes          # y and x * rstd
+    assert row_bytes <= fused_live < 0.6 * eager_live, (fused_live, eager_live)
+    assert fused_peak < eager_peak, (fused_peak, eager_peak)
+    with counters.counting() as calls:          # still compiled after the tracker has exited
+        opt(x, w)
+    assert calls["rmsnorm"] == 1
+    with counters.counting() as calls:
+        again_live, _ = run(opt)                # and under a second tracker, from Dynamo's cache
+    assert calls["rmsnorm"] == 1 and again_live == fused_live
+    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +389,23 @@ def test_io_model_regions(llama_report):
         unfused = rep.cost_after.subs(io["unfused"])
         assert 0 < lb <= fused <= unfused, rid
         if "/rmsnorm/" in rid or "/rope/" in rid or "/attention/" in rid:
-            assert fused == lb, rid          # one pass: inputs once, outputs once
+            # one pass: inputs once, outputs once; in inference the per-row rstd / log-sum-exp the
+            # ops still write is not compulsory (nothing keeps it)
+            assert fused <= 1.2 * lb, (rid, fused, lb)
+        if "/rope/" in rid:
+            assert fused == lb, rid
+        f_unfused, f_fused = (rep.cost_after.subs(f) for f in io["flops"])
+        assert f_fused > 0 and f_unfused > 0, rid
+        dt_fused = io["bytes_by_dtype"][1]
+        assert sum(rep.cost_after.subs(r + w) for r, w in dt_fused.values()) >= lb, rid
+    # the RMSNorm regions: the same algorithm before and after (FLOPs equal), replaced nodes include
+    # the casts the match did not visit
+    for r in rep.regions:
+        if r.kind == "rmsnorm" and r.fused and "io" in r.extra:
+            io = r.extra["io"]
+            assert set(r.nodes) <= set(io["unfused_nodes"])
+            f_unfused, f_fused = (rep.cost_after.subs(f) for f in io["flops"])
+            assert f_fused == f_unfused, (r.id, f_fused, f_unfused)
     assert int(rep.cost_after.bytes_moved) < int(rep.cost_before.bytes_moved)
 
 

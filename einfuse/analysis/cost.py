@@ -30,10 +30,10 @@ from .symbolic import CostInterpreter, NodeCost, SymEnv
 
 log = logging.getLogger("einfuse")
 
-__all__ = ["GraphCost", "Cost", "analyze", "FUSED_OPS"]
+__all__ = ["GraphCost", "Cost", "analyze", "FUSED_OPS", "node_time"]
 
 # region kind -> the ops its rewrite inserts
-FUSED_OPS = {"attention": ("attention",), "rmsnorm": ("rms_norm",), "swiglu": ("glu", "glu_mlp"),
+FUSED_OPS = {"attention": ("attention",), "rmsnorm": ("rms_norm", "add_rms_norm"), "swiglu": ("glu", "glu_mlp"),
              "rope": ("rope",), "linear_cross_entropy": ("linear_cross_entropy",)}
 
 
@@ -49,6 +49,23 @@ def _number(x: Any) -> Any:
         return int(x)
     v = float(x)
     return int(v) if v.is_integer() else v
+
+
+def node_time(c: NodeCost, p: DeviceProfile) -> Any:
+    """Roofline time (s) of one node as one kernel: max(compute time, memory time).
+
+    Compute: contraction FLOPs at the profile's matmul rate for the operands' dtype plus
+    the other FLOPs at its vector rate; memory: the IO model's traffic over the bandwidth.
+    """
+    if c.kind != "compute":
+        return sympy.Integer(0)
+    dtype = c.outs[0].dtype if c.outs else torch.float32
+    if c.ins and c.matmul_flops:
+        dtype = c.ins[0].dtype
+    comp = (sympy.sympify(c.matmul_flops) / p.matmul_rate(dtype)
+            + sympy.sympify(c.flops - c.matmul_flops) / p.vector_flops)
+    mem = sympy.sympify(io_model.node_traffic(c, p.smem_per_block)) / p.mem_bw
+    return sympy.Max(comp, mem)
 
 
 class GraphCost:
@@ -136,22 +153,7 @@ class GraphCost:
     def time_on(self, profile: DeviceProfile | str | None = None):
         """Roofline time (s): per kernel max(compute, memory), summed over kernels."""
         p = get_profile(profile) if profile is not None else self.profile
-        M = p.smem_per_block
-
-        def t():
-            terms = []
-            for c in self.nodes:
-                if c.kind != "compute":
-                    continue
-                dtype = c.outs[0].dtype if c.outs else torch.float32
-                if c.ins and c.matmul_flops:
-                    dtype = c.ins[0].dtype
-                comp = sympy.sympify(c.matmul_flops) / p.matmul_rate(dtype) \
-                    + sympy.sympify(c.flops - c.matmul_flops) / p.vector_flops
-                mem = sympy.sympify(io_model.node_traffic(c, M)) / p.mem_bw
-                terms.append(sympy.Max(comp, mem))
-            return sympy.Add(*terms)
-        return self._memo(("time", p.name), t)
+        return self._memo(("time", p.name), lambda: sympy.Add(*[node_time(c, p) for c in self.nodes]))
 
 
 class Cost:

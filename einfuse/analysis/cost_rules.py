@@ -24,7 +24,8 @@ FLOP counting convention (forward, what the op executes):
   * data movement (views, reshape/contiguous copies, casts, cat, embedding, index,
     pad, creation ops): 0;
   * fused ops count what they compute, with the same convention, so FLOPs before and
-    after a fusion are equal where the algorithm is the same: rms_norm as above;
+    after a fusion are equal where the algorithm is the same: rms_norm as above
+    (add_rms_norm: + 1 per element for the residual add);
     attention 2*S*T*(D + Dv) per (batch, head) in matmuls + (1 scale + 1 mask + 5
     softmax) per score; glu 2 per element; glu_mlp 3 matmuls + 2 per intermediate
     element; rope 3 per rotated element (the unfused rotate_half also negates half:
@@ -35,7 +36,8 @@ What autograd saves (`saved_rules`) is what derivatives.yaml saves for the op's
 forward (linear: its input; matmul: both operands; mul: each operand the other's
 gradient needs; softmax/log_softmax/rsqrt/exp/tanh/sigmoid: the output; silu, gelu,
 pow, log: the input; ...), and for the fused ops what their `setup_context` saves
-(module docstrings in einfuse/runtime/ops/): rms_norm x and rstd; glu gate and up;
+(module docstrings in einfuse/runtime/ops/): rms_norm x and rstd; add_rms_norm h = x + residual
+and rstd; glu gate and up;
 glu_mlp x, g, u; rope cos and sin; attention q, k, v, out, lse (and the mask);
 linear_cross_entropy the gradients it computes in the forward. Parameters and other
 graph inputs cost nothing there: they are alive anyway.
@@ -289,6 +291,17 @@ def _fused_rms_norm(c: OpCtx):
     return 4 * x.numel + 2 * rows + (w.numel if (offset and w is not None) else 0), 0
 
 
+def _fused_add_rms_norm(c: OpCtx):
+    """add_rms_norm(x, residual, w, eps, offset): the residual add (1 per element) + rms_norm."""
+    x = _first(c)
+    if x is None:
+        return 0, 0
+    rows = prod(x.shape[:-1])
+    offset = c.arg(4, "offset", 0.0)
+    w = _t(c.arg(2, "weight"))
+    return 5 * x.numel + 2 * rows + (w.numel if (offset and w is not None) else 0), 0
+
+
 def _fused_attention(c: OpCtx):
     q, k, v = _t(c.arg(0)), _t(c.arg(1)), _t(c.arg(2))
     if q is None or k is None or v is None:
@@ -389,6 +402,7 @@ flop_rules.update({
     "addbmm": _addmm, "einsum": _einsum, "scaled_dot_product_attention": _sdpa,
     # fused ops (wrapper function names == op names); rms_norm is F.rms_norm or einfuse's
     "rms_norm": lambda c: (_fused_rms_norm if _is_einfuse(c) else _rms_norm_fn)(c),
+    "add_rms_norm": _fused_add_rms_norm,
     "attention": _fused_attention, "glu": _fused_glu, "glu_mlp": _fused_glu_mlp, "rope": _fused_rope,
     "linear_cross_entropy": _fused_lce,
 })
@@ -592,6 +606,7 @@ hidden_rules: dict[str, Callable[[OpCtx], tuple[Any, list]]] = {
     "cross_entropy": _hid_cross_entropy, "softmax": _hid_log_softmax_upcast,
     "log_softmax": _hid_log_softmax_upcast, "layer_norm": _hid_layer_norm, "dropout": _hid_dropout,
     "matmul": _hid_matmul, "linear": _hid_linear, "rms_norm": _hid_rms_norm, "attention": _hid_attention,
+    "add_rms_norm": _hid_rms_norm,
     "glu": _hid_glu, "glu_mlp": _hid_glu_mlp, "linear_cross_entropy": _hid_lce,
 }
 HIDDEN_DEFAULT = _hid_none
@@ -703,6 +718,14 @@ def _save_fused_rms(c: OpCtx):
     return out
 
 
+def _save_fused_add_rms(c: OpCtx):
+    """h = x + residual (its second output), the weight, and rstd (an output of the op itself)."""
+    out = c.outs[1:2] + [t for t in (_t(c.arg(2, "weight")),) if t is not None]
+    if not _is_wrapper(c) and len(c.outs) > 2:
+        out.append(c.outs[2])
+    return out
+
+
 def _save_fused_attention(c: OpCtx):
     out = [t for t in (_t(c.arg(0)), _t(c.arg(1)), _t(c.arg(2)), _t(c.arg(3, "mask"))) if t is not None]
     return out + (c.outs[:1] if _is_wrapper(c) else c.outs[:2])
@@ -743,7 +766,8 @@ saved_rules: dict[str, Callable[[OpCtx], list]] = {
     "where": _save_where, "masked_fill": _save_masked_fill, "embedding": _save_inputs(0),
     "cross_entropy": _save_inputs(1), "layer_norm": _save_inputs(0, 2, 3),
     "scaled_dot_product_attention": _save_sdpa,
-    "rms_norm": _save_fused_rms, "attention": _save_fused_attention, "glu": _save_inputs(0, 1),
+    "rms_norm": _save_fused_rms, "add_rms_norm": _save_fused_add_rms, "attention": _save_fused_attention,
+    "glu": _save_inputs(0, 1),
     "glu_mlp": _save_fused_glu_mlp, "rope": _save_fused_rope, "linear_cross_entropy": _save_lce,
 }
 SAVED_DEFAULT = _save_none   # views, copies, casts, cat, index: only sizes/indices
@@ -753,7 +777,8 @@ SAVED_DEFAULT = _save_none   # views, copies, casts, cat, index: only sizes/indi
 # backward model: rule(c) -> {"grads": {input position in c.ins: "alloc" | "alias"},
 #                             "transient": bytes the backward op allocates and frees}
 # "alloc": the input's gradient is a new buffer of the input's size; "alias": it is a
-# view of the output's gradient (no memory). Inputs that do not require grad get none.
+# view of the output's gradient (no memory); "same": the buffer allocated for the
+# previous input of this backward (one gradient handed to two inputs). Inputs that do not require grad get none.
 
 def _bwd_alloc(transient_per_out: float = 0):
     def rule(c: OpCtx):
@@ -826,6 +851,15 @@ def _bwd_rms_transient(c: OpCtx):
     return 3 * x.numel * 4 if x is not None else 0      # xhat, g*w, and one more row-sized temporary
 
 
+def _bwd_add_rms(c: OpCtx):
+    """One fp32-summed gradient of h, handed (cast, a no-op for equal dtypes) to x and residual."""
+    grads: dict = {}
+    for i, x in enumerate(c.ins):
+        if x.requires_grad:
+            grads[i] = "same" if i == 1 and 0 in grads and x.dtype == c.ins[0].dtype else "alloc"
+    return {"grads": grads, "transient": _bwd_rms_transient(c)}
+
+
 def _bwd_attention_transient(c: OpCtx):
     p = attention_plan(c, backward=True)
     if p is None:
@@ -860,7 +894,8 @@ backward_rules.update({
     "add": _bwd_add, "sub": _bwd_add, "rsub": _bwd_add, "mul": _bwd_mul, "div": _bwd_mul,
     "cat": _bwd_cat, "cross_entropy": _bwd_cross_entropy,
     "softmax": _bwd_alloc(0), "log_softmax": _bwd_alloc(0), "pow": _bwd_alloc(1), "rsqrt": _bwd_alloc(1),
-    "rms_norm": _bwd_fused(_bwd_rms_transient), "attention": _bwd_fused(_bwd_attention_transient),
+    "rms_norm": _bwd_fused(_bwd_rms_transient), "add_rms_norm": _bwd_add_rms,
+    "attention": _bwd_fused(_bwd_attention_transient),
     "glu": _bwd_fused(), "glu_mlp": _bwd_fused(_bwd_glu_mlp_transient), "rope": _bwd_fused(),
     "linear_cross_entropy": _bwd_fused(),
 })

@@ -22,7 +22,9 @@ streaming):
     on chip) and write grad_hidden / grad_weight once;
   * glu_mlp (fused): gate and up as one GEMM against [2I, H], writing g, u and h,
     then the down GEMM reading h;
-  * rms_norm (fused): x read once when a row fits on chip, twice otherwise.
+  * rms_norm and add_rms_norm (fused): the row read once when it fits on chip, twice
+    otherwise (add_rms_norm: x and residual read, h = x + residual written, for backward
+    and the residual stream).
 
 Lower bounds (`lower_bound`): every op reads its inputs once and writes its outputs
 (and the results it saves for backward) once -- the compulsory traffic; attention:
@@ -61,8 +63,17 @@ def gemm_traffic(batch, m, n, k, e: int, M: int) -> Any:
     return batch * e * (m * k * _max1(T * n) + k * n * _max1(T * m))
 
 
-def node_compulsory(nc: NodeCost) -> Any:
+def _streaming(nc: NodeCost) -> Any:
+    """One streaming pass: every input read once, everything the op writes written once."""
     return nc.bytes_read + nc.bytes_written
+
+
+def node_compulsory(nc: NodeCost) -> Any:
+    """Inputs read once, outputs and the internal results kept for backward written once (the
+    internal results an op writes and does not keep -- glu_mlp's g and u in inference -- are not
+    compulsory)."""
+    scratch = sum(b for b, saved, _ in nc.hidden if not saved)
+    return nc.bytes_read + nc.bytes_written - scratch
 
 
 def _out_bytes(nc: NodeCost) -> Any:
@@ -73,10 +84,10 @@ def _row_passes(passes: int):
     def rule(nc: NodeCost, M: int):
         x = nc.ins[0] if nc.ins else None
         if x is None or not x.shape:
-            return node_compulsory(nc)
+            return _streaming(nc)
         row = x.shape[-1]
         if isinstance(row, int) and row * 4 <= M:
-            return node_compulsory(nc)
+            return _streaming(nc)
         n = passes if isinstance(row, int) else sympy.Piecewise((1, row * 4 <= M), (passes, True))
         return nc.bytes_read + (n - 1) * x.distinct_bytes + nc.bytes_written
     return rule
@@ -91,7 +102,7 @@ def _other_inputs(nc: NodeCost, exclude) -> Any:
 def _gemm_rule(nc: NodeCost, M: int):
     gemms = nc.io.get("gemms", [])
     if not gemms:
-        return node_compulsory(nc)
+        return _streaming(nc)
     # the tiled GEMMs' operand traffic replaces reading the operands once; a bias once
     others = _other_inputs(nc, nc.io.get("operands", set()))
     return sum(gemm_traffic(b, m, n, k, e, M) for b, m, n, k, e in gemms) + others + nc.bytes_written
@@ -108,11 +119,11 @@ def _attn_tiles(q: TVal, k: TVal, v: TVal, M: int):
 
 def _attention_rule(nc: NodeCost, M: int):
     if len(nc.ins) < 3:
-        return node_compulsory(nc)
+        return _streaming(nc)
     q, k, v = nc.ins[:3]
     bh, bhk, s, t, d, dv, e, br = _attn_tiles(q, k, v, M)
     if br is None:
-        return node_compulsory(nc)
+        return _streaming(nc)
     g = sympy.sympify(bh) / bhk
     reps = _max1(g * s * sympy.Rational(1, br))
     kv = bhk * t * (d + dv) * e
@@ -124,7 +135,7 @@ def _attention_rule(nc: NodeCost, M: int):
 
 def _lce_rule(nc: NodeCost, M: int):
     if len(nc.ins) < 2:
-        return node_compulsory(nc)
+        return _streaming(nc)
     h, w = nc.ins[0], nc.ins[1]
     n, hd, v = prod(h.shape[:-1]), h.shape[-1], w.shape[0]
     e = h.itemsize
@@ -135,7 +146,7 @@ def _lce_rule(nc: NodeCost, M: int):
 
 def _glu_mlp_rule(nc: NodeCost, M: int):
     if len(nc.ins) < 4:
-        return node_compulsory(nc)
+        return _streaming(nc)
     x, wg, wu, wd = nc.ins[:4]
     n, hd, i, h2 = prod(x.shape[:-1]), x.shape[-1], wg.shape[0], wd.shape[0]
     e = x.itemsize
@@ -148,6 +159,7 @@ def _glu_mlp_rule(nc: NodeCost, M: int):
 io_rules: dict[str, Callable[[NodeCost, int], Any]] = {
     "softmax": _row_passes(3), "log_softmax": _row_passes(3), "cross_entropy": _row_passes(3),
     "layer_norm": _row_passes(2), "rms_norm": _row_passes(2),
+    "add_rms_norm": _row_passes(2),
     "linear": _gemm_rule, "matmul": _gemm_rule, "mm": _gemm_rule, "bmm": _gemm_rule, "addmm": _gemm_rule,
     "baddbmm": _gemm_rule, "addbmm": _gemm_rule, "einsum": _gemm_rule,
     "attention": _attention_rule, "scaled_dot_product_attention": _attention_rule,
@@ -160,7 +172,7 @@ def node_traffic(nc: NodeCost, M: int) -> Any:
     if nc.kind != "compute":
         return 0
     rule = io_rules.get(nc.op)
-    return rule(nc, M) if rule is not None else node_compulsory(nc)
+    return rule(nc, M) if rule is not None else _streaming(nc)
 
 
 def node_lower_bound(nc: NodeCost, M: int) -> Any:

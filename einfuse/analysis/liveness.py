@@ -16,9 +16,10 @@ saved it. Then the backward is walked in reverse node order (the order autograd'
 engine runs it): the gradient of a value is a buffer that exists from the first
 consumer's backward until its producer's backward has run; a node's backward
 allocates a gradient per input that requires grad (`alloc`), or passes a view of its
-output's gradient on (`alias`: views, adds, cat), plus its temporaries; a second
-contribution to a gradient is accumulated in place (a momentary buffer). Gradients of
-graph inputs (parameters' `.grad`) stay alive to the end. After a node's backward its
+output's gradient on (`alias`: views, adds, cat), or hands the buffer it allocated for
+one input to the next as well (`same`: add_rms_norm's x and residual), plus its
+temporaries; a second contribution to a gradient is accumulated in place (a momentary
+buffer). Gradients of graph inputs (parameters' `.grad`) stay alive to the end. After a node's backward its
 saved tensors are released (freed when no other node holds them and no graph output
 is them). The backward starts from the scalar loss outputs (or, if the graph has
 none, from a gradient for every output that requires grad). Nodes no graph output
@@ -326,6 +327,7 @@ def training_peak(costs: list[NodeCost], timeline: list | None = None) -> Any:
             continue
         mine = grads[c.name]
         moment = to_poly(c.bwd.get("transient", 0))
+        last = None                                          # the buffer this backward made last
         for pos, mode in c.bwd.get("grads", {}).items():
             if pos >= len(c.ins):
                 continue
@@ -336,10 +338,13 @@ def training_peak(costs: list[NodeCost], timeline: list | None = None) -> Any:
             if mode == "alias" and mine:
                 for b in mine:
                     attach(src, b)
+            elif mode == "same" and last is not None and not have:
+                attach(src, last)
             elif have:
                 moment = padd(moment, to_poly(t.nbytes))     # computed, then added in place
             else:
-                attach(src, new_buf(t.nbytes))
+                last = new_buf(t.nbytes)
+                attach(src, last)
         now = padd(padd(live.total, bufs.total), moment)
         peak.add_poly(now)
         if timeline is not None:

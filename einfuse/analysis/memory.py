@@ -13,6 +13,17 @@ torch has no allocator statistics on CPU; this works on every device, and sees t
 tensors autograd saves and the backward's temporaries (the CPU autograd engine runs
 the backward on the calling thread, inside the mode). Custom ops' implementations
 (einfuse's fused ops run Python code) are followed inside, so their temporaries count.
+
+torch.compile'd code: a dispatch mode that does not declare `ignore_compile_internals()`
+makes Dynamo skip every frame it meets while the mode is active (torch runs the original
+Python, i.e. the *eager* model) and marks the frame skipped for good, so a compiled or
+`einfuse.optimize`d model measured under such a mode is measured as eager and stays
+eager afterwards. This tracker declares `ignore_compile_internals() = True`: the compiled
+artifact runs, compilation itself (fake tensors) is not tracked. What runs as Python over
+torch ops (the graphs einfuse's default `inner="eager"` executes, fused ops, the
+autograd backward of custom ops) is tracked op by op. Inductor-generated code allocates
+its buffers outside the dispatcher: those are invisible, so the peak of an Inductor-compiled
+region is under-measured (its extern kernels' outputs are still seen).
 """
 
 from __future__ import annotations
@@ -71,6 +82,12 @@ class LiveStorageTracker(TorchDispatchMode):
         self.events: list[_Event] = []
         self._live: dict[int, tuple[weakref.ref, int]] = {}   # id(storage obj) -> (ref, bytes)
         self._known: dict[int, weakref.ref] = {}              # storages seen, not allocated here
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        """Let torch.compile'd frames run their compiled code under the tracker (see the module
+        docstring); the default (False) silently runs -- and keeps running -- the eager model."""
+        return True
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _key(self, st: torch.UntypedStorage) -> int:

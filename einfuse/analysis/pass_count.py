@@ -1,19 +1,30 @@
 """Pass counting (FuseMax) for every fused region, before and after fusion.
 
-`passes_per_rank(cascade)` is the general count, on any `einfuse.ir.cascade.Cascade`
-(defined in `einfuse.ir.attention_cascades`, reused here). What counts as a pass over
-a rank r: one sweep over r's fiber, for each fixed value of the other ranks. An
-Einsum traverses r when r is among its output or reduced ranks; it runs in the same
-sweep as its inputs unless it reads a value *reduced over r*, which is known only
-after a whole sweep: passes(r) = 1 + the largest number of reductions over r on a
-dependency chain ending in an Einsum that traverses r. Writing an r-indexed
-intermediate (materialising it) is part of the sweep that computes it, and reading
-it back is part of a later sweep: materialised outputs add no pass of their own.
-Running state carried across an iterated rank is not a reduction over it.
+The convention (also in the README):
 
-Before/after, per region kind:
-  * attention: the 3-pass cascade eager PyTorch computes, and the 1-pass cascade the
-    fused op runs (`einfuse.ir.attention_cascades.derive`): 3 -> 1 over the key rank m;
+  * A *pass* over a rank r is one sweep over r's fiber -- all values of r, for each
+    fixed value of the other ranks -- reading the inputs indexed by r.
+  * An Einsum *traverses* r when r is among its output ranks or the ranks it reduces.
+    It runs in the same sweep as the Einsums it reads, unless it reads a value
+    *reduced over r*: that value is known only after a whole sweep, so reading it at
+    every point of r needs a new sweep. passes(r) = 1 + the largest number of
+    reductions over r on a dependency chain ending in an Einsum that traverses r
+    (`passes_per_rank`, in `einfuse.ir.attention_cascades`).
+  * *Materialised outputs add no pass.* Writing an r-indexed intermediate (the scores
+    of unfused attention, the log-probabilities of an eager loss) belongs to the sweep
+    that computes it, and reading it back belongs to the later sweep that needs it;
+    a pass counts the dependency, not the number of kernels or of HBM round trips (the
+    IO model, `io_model`, counts those bytes).
+  * Running state carried across an iterated rank (the online-softmax running max and
+    denominator) is not a reduction over it: it adds no pass.
+  * Ranks with no reduction count 1.
+
+Unfused counts are the reference cascade's (the computation as eager PyTorch spells
+it); fused counts are those of the cascade the fused op runs, and for ops that keep a
+whole fiber on chip, the number of sweeps over it in HBM:
+  * attention: the 3-pass cascade (max of the scores over the key rank m, sum of the
+    exponentials, then normalise and multiply by V) and the 1-pass cascade the fused
+    op runs (`einfuse.ir.attention_cascades.derive`): 3 -> 1 over m;
   * linear_cross_entropy: `cross_entropy_cascades()` below: the eager loss is a
     log_softmax (max, then sum of exponentials) materialised and then read by
     nll_loss: 3 passes over the vocabulary rank v; the fused op carries a running

@@ -6,8 +6,9 @@ the passes to `report.cost_before` / `report.cost_after`, fills
 `report.pass_counts[region id]` (rank -> PassCount(unfused, fused)) for the graph's fused
 regions, and puts each fused region's traffic in `region.extra["io"]`: bytes moved by the
 unfused nodes it replaced and by the fused op (the IO model, on the report's device
-profile), the lower bound, and the two ratios to it. Analysis failures never break a
-compilation: they are logged and noted in the report.
+profile), the lower bound, the two ratios to it, the unfused nodes it counts
+(`replaced_nodes`), and both sides' FLOPs and bytes read/written by dtype. Analysis
+failures never break a compilation: they are logged and noted in the report.
 
 Set EINFUSE_COST=0 to skip the analysis.
 """
@@ -62,11 +63,48 @@ def record_costs(report, before_gm, after_gm, graph_index: int, profile: DeviceP
         report.notes.append(f"cost analysis of graph {graph_index} failed: {type(e).__name__}: {e}")
 
 
+def replaced_nodes(region, before: GraphCost, gone: set, claimed: dict) -> list[str]:
+    """The unfused nodes a fused region replaced, in graph order.
+
+    A pass records the nodes its match visited; the rewrite also erases nodes the match
+    did not visit (casts, the `x * rstd` product canonicalisation merged). Added here,
+    among the nodes gone from the rewritten graph (`gone`) and not recorded by another
+    region: those lying between two recorded nodes, and those all of whose users are in
+    the region (producers only the region read, such as an upcast of its input).
+    """
+    by_name = {c.name: c for c in before.nodes}
+    nodes = {n for n in region.nodes if n in by_name}
+    free = {n for n in gone if claimed.get(n, region.id) == region.id} - nodes
+
+    def reach(start: set, step) -> set:
+        seen: set = set()
+        stack = list(start)
+        while stack:
+            for m in step(by_name[stack.pop()]):
+                if m in free and m not in seen:
+                    seen.add(m)
+                    stack.append(m)
+        return seen
+
+    nodes |= reach(nodes, lambda c: c.users) & reach(nodes, lambda c: c.in_nodes)
+    grown = True
+    while grown:
+        grown = False
+        for m in sorted(free - nodes):
+            users = by_name[m].users
+            if users and all(u in nodes for u in users):
+                nodes.add(m)
+                grown = True
+    return [c.name for c in before.nodes if c.name in nodes]
+
+
 def region_io(regions: list, before: GraphCost, after: GraphCost, p: DeviceProfile) -> None:
     """region.extra["io"] for fused regions of one graph.
 
-    The fused op of the k-th fused region of a kind is the k-th call of that kind's op in
-    the rewritten graph (passes rewrite candidates in graph order).
+    A region's fused op is the call of its kind's ops (`FUSED_OPS`) that reads the most
+    of the values the region's nodes read from outside it (node names survive the passes);
+    without any such overlap, the k-th remaining call for the k-th region of the kind
+    (passes rewrite candidates in graph order).
     """
     M = p.smem_per_block
     by_name = {c.name: c for c in before.nodes}
@@ -75,21 +113,43 @@ def region_io(regions: list, before: GraphCost, after: GraphCost, p: DeviceProfi
         for kind, ops in FUSED_OPS.items():
             if c.kind == "compute" and c.op in ops:
                 calls.setdefault(kind, []).append(c)
-    taken: dict[str, int] = {}
+    free = {k: list(v) for k, v in calls.items()}
+    claimed = {n: r.id for r in regions for n in r.nodes}
+    gone = {c.name for c in before.nodes if c.kind in ("compute", "view")} - {c.name for c in after.nodes}
     for r in regions:
-        k = taken.get(r.kind, 0)
-        taken[r.kind] = k + 1
-        ours = calls.get(r.kind, [])
-        fused_node = ours[k] if k < len(ours) else None
-        unfused = sympy.Add(*[sympy.sympify(io_model.node_traffic(by_name[n], M)) for n in r.nodes if n in by_name])
+        r_nodes = replaced_nodes(r, before, gone, claimed)
+        inside = set(r_nodes)
+        outside = {src for n in r_nodes for src in by_name[n].in_nodes if src not in inside}
+        ours = free.get(r.kind, [])
+        scored = [(len(outside & set(c.in_nodes)), -i, c) for i, c in enumerate(ours)]
+        best = max(scored, key=lambda x: x[:2], default=None)
+        fused_node = best[2] if best is not None and best[0] > 0 else (ours[0] if ours else None)
+        if fused_node is not None:
+            ours.remove(fused_node)
+        unfused = sympy.Add(*[sympy.sympify(io_model.node_traffic(by_name[n], M)) for n in r_nodes])
         if fused_node is None:
             continue
         fused = sympy.sympify(io_model.node_traffic(fused_node, M))
+        unfused_nodes = [by_name[n] for n in r_nodes]
         lb = sympy.sympify(io_model.node_lower_bound(fused_node, M))
         r.extra["io"] = {"profile": p.name, "unfused": unfused, "fused": fused, "lower_bound": lb,
-                         "fused_node": fused_node.name,
+                         "fused_node": fused_node.name, "unfused_nodes": r_nodes,
+                         "flops": (sympy.Add(*[sympy.sympify(c.flops) for c in unfused_nodes]),
+                                   sympy.sympify(fused_node.flops)),
+                         "bytes_by_dtype": (_by_dtype(unfused_nodes), _by_dtype([fused_node])),
                          "ratio_unfused": unfused / lb if lb != 0 else None,
                          "ratio_fused": fused / lb if lb != 0 else None}
+
+
+def _by_dtype(nodes: list) -> dict:
+    """dtype name -> (bytes read, bytes written) summed over nodes."""
+    out: dict = {}
+    for c in nodes:
+        for key, i in (("read", 0), ("written", 1)):
+            for dt, b in getattr(c, key).items():
+                cur = out.setdefault(str(dt).replace("torch.", ""), [sympy.Integer(0), sympy.Integer(0)])
+                cur[i] += sympy.sympify(b)
+    return {k: tuple(v) for k, v in out.items()}
 
 
 # -------------------------------------------------------------------------------------------
