@@ -378,7 +378,12 @@ def test_save_load_roundtrip(scheme, tmp_path):
     model = tiny(tied=scheme == "int4")
     kw = {"embeddings": True, "lm_head": True} if scheme == "int4" else {}
     cal = [IDS] if scheme == "llm_int8" else None
+    if scheme == "llm_int8":  # a low threshold: calibrated outlier columns, a different number per layer
+        kw = {"threshold": 1.0}
     Q.quantize(model, scheme, calibration=cal, progress=False, **kw)
+    if scheme == "llm_int8":
+        counts = {m.outliers.numel() for m in model.modules() if isinstance(m, QuantizedLinear)}
+        assert len(counts) > 1 and max(counts) > 0
     with torch.no_grad():
         want = model(input_ids=IDS).logits
     path = Q.save_quantized(model, tmp_path / "m.safetensors")
@@ -426,6 +431,100 @@ def test_composes_with_layer_skip():
     with torch.no_grad(), counters.counting() as c:
         opt(input_ids=IDS, use_cache=False)
     assert 0 < c["quantized_linear"] < 28  # a skipped layer's quantized projections do not run
+
+
+def test_composes_with_sparsity():
+    """Attention projections quantized, MLPs kept in fp by the name filter: the MLPs are sparsified (moc),
+    attention and RMSNorm still fuse around the quantized q/k/v/o; quantized MLPs would stay dense (reason)."""
+    model = tiny()
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+    opt = einfuse.optimize(model, quantize={"scheme": "int8", "exclude": "*.mlp.*"},
+                           sparsity={"method": "moc", "target": 0.0001})
+    with torch.no_grad(), counters.counting() as c:
+        got = opt(input_ids=IDS).logits
+    assert c["quantized_linear"] == 8 and c["sparsity"] == 2 and c["attention"] == 2 and c["rmsnorm"] == 5
+    assert isinstance(model.model.layers[0].mlp.gate_proj, nn.Linear)
+    assert rel_err(got, want) < LOGIT_ERR["int8"]
+    rep = opt.einfuse_report
+    assert rep.fusions["sparsity"] == 2 and rep.fusions["quantize"] == 8
+    assert any("excluded by pattern" in r.reason for r in rep.unfused if r.kind == "quantize")
+    both = einfuse.optimize(tiny(), quantize="int8", sparsity={"method": "moc", "target": 0.5})
+    with torch.no_grad(), counters.counting() as c:
+        both(input_ids=IDS)
+    assert c["quantized_linear"] == 14 and "sparsity" not in c
+    assert all("projections are quantized" in r.reason for r in both.einfuse_report.unfused if r.kind == "sparsity")
+
+
+# ---------------------------------------------------------------- Triton kernels (interpreted in CI)
+
+TRITON_CASES = [("int8", 0, True), ("int4", 32, True), ("int4", 64, False), ("int6", 64, True), ("int6", 32, False),
+                ("w8a8", 0, True), ("llm_int8", 0, True)]
+
+
+@pytest.mark.parametrize("scheme,gs,sym", TRITON_CASES)
+@pytest.mark.parametrize("m", [1, 19])
+def test_triton_kernels_interpreted(monkeypatch, scheme, gs, sym, m):
+    """EINFUSE_KERNELS=triton sends CPU tensors through the Triton kernel under TRITON_INTERPRET=1 (conftest)."""
+    from einfuse.runtime import dispatch
+    pytest.importorskip("triton")
+    assert dispatch.interpreting()
+    monkeypatch.setenv("EINFUSE_KERNELS", "triton")
+    k = 192 if scheme != "int6" else 128
+    w, _, st_ = make_state(scheme, n=40, k=k, symmetric=sym, group=gs)  # 40 outputs: ragged 16-wide tiles
+    x = torch.randn(m, k)
+    x[0, 3] = 30.0  # an LLM.int8() outlier column
+    b = torch.randn(40)
+    dispatch.launches.clear()
+    with counters.counting() as c:
+        y = call(x, st_, scheme, gs, k, b)
+    assert dispatch.launches[f"quantized_linear_{scheme}"] == 1 and c["quantized_linear"] == 1
+    r = ref(x, st_, scheme, gs, k, b)
+    if SCHEMES[scheme].activations == "none":
+        assert rel_err(y, r) <= rel_err(eager(x, st_, scheme, gs, k, b), r) + 1e-5
+    else:
+        assert rel_err(y, r) < 1e-6
+    if m == 19 and scheme in ("int4", "w8a8"):  # bf16 in, bf16 out
+        xb = x.to(torch.bfloat16)
+        yb = call(xb, st_, scheme, gs, k, b)
+        assert yb.dtype == torch.bfloat16
+        rb = ref(xb, st_, scheme, gs, k, b)
+        tol = rel_err(eager(xb, st_, scheme, gs, k, b), rb) if SCHEMES[scheme].activations == "none" else 0.0
+        assert rel_err(yb, rb) <= tol + 1e-2
+
+
+def test_triton_not_used_for_cpu_tensors_by_default(monkeypatch):
+    from einfuse.runtime import dispatch
+    monkeypatch.delenv("EINFUSE_KERNELS", raising=False)
+    w, gs, st_ = make_state("int4", k=128)
+    dispatch.launches.clear()
+    call(torch.randn(2, 128), st_, "int4", gs, 128)
+    assert not any(k.startswith("quantized_linear") for k in dispatch.launches)
+
+
+def test_triton_kernels_compile_for_a_gpu(tmp_path):
+    """The interpreter accepts more than the GPU compiler: compile each variant to sm_90 cubin (no GPU needed),
+    in a subprocess (this process imported triton in interpreter mode)."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
+    import json
+    import os
+    import subprocess
+    import sys
+    script = ("import json\nfrom einfuse.quant.triton_kernels import aot_compile\nout = {}\n"
+              "for s, a in (('int8', 0), ('int4', 0), ('int4', 1), ('int6', 1), ('w8a8', 0)):\n"
+              "    asm = aot_compile(s, asymmetric=bool(a))\n"
+              "    out[s + str(a)] = [sorted(asm), asm['ptx'].count('mma')]\n"
+              "print('RESULT' + json.dumps(out))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), TRITON_DEFAULT_FP_FUSION="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads(p.stdout.split("RESULT", 1)[1])
+    assert set(res) == {"int80", "int40", "int41", "int61", "w8a80"}
+    for name, (stages, mma) in res.items():
+        assert stages == ["cubin", "llir", "ptx", "source", "ttgir", "ttir"], name
+    assert res["w8a80"][1] > 0  # the int8 x int8 dot became tensor-core (mma) instructions
 
 
 # ---------------------------------------------------------------- bad input

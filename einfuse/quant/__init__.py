@@ -3,6 +3,7 @@
     import einfuse
     model = einfuse.optimize(model, quantize="int4")                 # quantize, then fuse
     summary = einfuse.quant.quantize(model, "llm_int8", calibration=batches)  # quantize only
+    summary = einfuse.quant.quantize(model, "int4", group_size=64, calibration=batches)  # GPTQ rounding
     einfuse.quant.save_quantized(model, "model.safetensors")
     einfuse.quant.load_quantized(fresh_fp_model, "model.safetensors")
 
@@ -29,8 +30,12 @@ def quantize(model: nn.Module, scheme: str = "int8", *, group_size: int | None =
              progress: bool = True, report=None):
     """Quantize `model`'s linear layers in place; returns a QuantSummary (layers, bytes before/after, notes).
 
-    `calibration` (llm_int8 only): batches run through the fp model first to find
-    the outlier input columns of each layer (progress bar unless progress=False).
+    `calibration`: batches run through the fp model first (progress bar unless
+    progress=False). llm_int8: they find each layer's outlier input columns. The
+    other schemes: they give each layer's input Hessian X^T X, and the weights are
+    rounded with GPTQ (einfuse/quant/gptq.py) instead of round-to-nearest — what
+    makes int4 usable on small models. Calibrate on text distinct from what you
+    evaluate on.
     """
     from einfuse.passes.quantize import quantize_model
     spec = QuantSpec(scheme, group_size, symmetric, threshold, include, exclude, min_size, lm_head, embeddings)

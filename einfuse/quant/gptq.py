@@ -13,10 +13,10 @@ the most energy first, while the most columns remain to absorb their error), wit
 every group's scale (and offset) fitted beforehand from the original weights by
 `schemes._fit_groups` ("static groups", so the stored layout is unchanged); per-channel
 int8 fixes its scales from the whole row. Blocks of 128 columns with the paper's lazy
-batch update; dampening 1% of the mean diagonal. On SmolLM2-135M, int4 group 64
-(8 x 256 perplexity windows of tinyshakespeare, 32 x 256 calibration tokens):
-fp32 57.04, round-to-nearest 68+ (asymmetric), GPTQ 66.6, GPTQ with act order 60.5
-(asymmetric) / 59.8 (symmetric). `act_order=False` gives the paper's plain sweep with
+batch update; dampening 1% of the mean diagonal. On SmolLM2-135M, int4 group 64 symmetric
+(perplexity on the first 8 x 256 tokens of tinyshakespeare, calibration on the next 16 x 256;
+benchmarks/bench_quantize.py): fp32 57.04, round-to-nearest 81.32 (+42.6%), GPTQ with act
+order 60.59 (+6.2%). `act_order=False` gives the paper's plain sweep with
 groups fitted on the error-updated weights.
 """
 
@@ -53,8 +53,8 @@ def collect_hessians(model: nn.Module, layers: list[nn.Module], batches: Iterabl
         if mod in acc:
             acc[mod][0] += h
             acc[mod][1] += x.shape[0]
-        else:
-            acc[mod] = [h, x.shape[0]]
+        else:  # its own copy: h may be shared with the other layers fed this tensor, and is added to in place
+            acc[mod] = [h.clone(), x.shape[0]]
 
     handles = [m.register_forward_pre_hook(hook) for m in layers]
     was_training = model.training

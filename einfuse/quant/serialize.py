@@ -117,6 +117,12 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
         model.config.tie_word_embeddings = json.loads(meta["tie_word_embeddings"])
     for alias, canonical in aliases.items():
         state[alias] = state[canonical]
+    # buffers whose length is data, not layout (LLM.int8()'s calibrated outlier columns): take the file's shape
+    for name, m in made.items():
+        for b, t in list(m._buffers.items()):
+            v = state.get(f"{name}.{b}")
+            if t is not None and v is not None and t.shape != v.shape and b == "outliers":
+                m._buffers[b] = torch.empty_like(v)
     model.load_state_dict(state, strict=strict)
     # re-share what was stored once (a tied table): same tensor object, not two copies
     for alias, canonical in aliases.items():

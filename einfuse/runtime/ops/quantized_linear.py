@@ -18,7 +18,9 @@ What runs on CPU, per scheme:
 
 bf16/fp16 inputs are computed in fp32 and cast back; fp64 inputs take the fp64
 reference path (`schemes.reference_linear`), so an fp64 reference model stays fp64.
-Tensors on other devices take the same reference path in fp32 (no device kernels yet).
+CUDA tensors run the Triton dequantize-matmul kernels (`einfuse.quant.triton_kernels`;
+CPU tensors too with EINFUSE_KERNELS=triton under TRITON_INTERPRET=1, which is how CI
+checks them); other devices, or no Triton, take the reference path in fp32.
 
 Autograd: the weight is frozen (integer codes have no gradient); the gradient of x
 is grad @ dequant(W) (`einfuse::quantized_linear_backward`), with the activation
@@ -37,10 +39,14 @@ from torch import Tensor
 from einfuse.quant import cpu_kernels
 from einfuse.quant.schemes import (dequantize_weight, get_scheme, outlier_columns, quantize_rows,
                                    reference_linear, zero_point)
-from einfuse.runtime import counters
+from einfuse.runtime import counters, dispatch
 
 SMALL_M = 24            # rows up to which the in-register kernel beats dequantize + sgemm (measured, see README)
 CHUNK_ELEMS = 1 << 22   # dequantize at most this many weights at a time on the sgemm path (16 MB of fp32)
+
+
+def _TRITON_ON_CPU() -> bool:  # EINFUSE_KERNELS=triton: CPU tensors go to Triton too (under TRITON_INTERPRET=1)
+    return dispatch.mode() == "triton"
 
 
 def _zero(scheme: str, offsets: Tensor | None) -> int:
@@ -87,6 +93,11 @@ def _forward(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Optional[Tenso
     if x.shape[-1] != in_features:
         raise ValueError(f"quantized_linear: input has {x.shape[-1]} features, the layer expects {in_features}")
     n = qweight.shape[0]
+    if (not x.is_cpu or _TRITON_ON_CPU()) and x.is_floating_point() and x.dtype != torch.float64 \
+            and dispatch.use_triton(x, qweight):  # CUDA (or the interpreter in CI): the Triton kernels
+        from einfuse.quant import triton_kernels
+        return triton_kernels.qlinear(x, qweight, scales, offsets, bias, outliers, scheme, group_size, in_features,
+                                      threshold)
     if x.dtype is torch.float32 and x.is_cpu and sch.activations == "none":  # the hot path (decoding), lean
         y = _weight_only(x.reshape(-1, in_features), qweight, scales, offsets, bias, scheme, group_size, in_features)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
@@ -95,7 +106,7 @@ def _forward(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Optional[Tenso
     if x.dtype == torch.float64:
         return reference_linear(x, qweight, scales, offsets, bias, scheme, group_size, in_features, outliers,
                                 threshold, torch.float64)
-    if not x.is_cpu:  # no device kernels yet (Triton comes later): the plain reference, in fp32
+    if not x.is_cpu:  # a device without Triton (or EINFUSE_KERNELS=torch): the plain reference, in fp32
         return reference_linear(x, qweight, scales, offsets, bias, scheme, group_size, in_features, outliers,
                                 threshold, torch.float32).to(x.dtype)
     x2 = x.reshape(-1, in_features).to(torch.float32)
