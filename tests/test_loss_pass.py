@@ -256,6 +256,23 @@ def test_hf_gpt2_graph_break_is_reported():
     assert "graph break" in r.reason
 
 
+def test_hf_gpt2_without_loss_type_fuses_when_dynamo_ignores_warning_once():
+    # GPT2LMHeadModel has loss_type None: transformers' `loss_function` property calls
+    # `logger.warning_once` (an lru_cache'd Logger method, unsupported by Dynamo), which splits the
+    # graph between lm_head and the loss. Declaring it a no-op logging function keeps one graph.
+    import logging
+    model = _gpt2(2)
+    model.loss_type = None
+    kw = inputs("gpt2")
+    torch._dynamo.reset()
+    ignored = torch._dynamo.config.ignore_logging_functions | {logging.Logger.warning_once}
+    with torch._dynamo.config.patch(ignore_logging_functions=ignored), counters.counting() as c:
+        fast = check_against_fp64(model, (), kw)
+    assert fast.einfuse_report.graphs == 1
+    assert c[KEY] == 1 and fast.einfuse_report.fusions[KEY] == 1
+    torch._dynamo.reset()
+
+
 def test_hf_gemma2_final_logit_softcapping():
     import transformers as tf
     torch.manual_seed(0)

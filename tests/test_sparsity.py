@@ -386,3 +386,31 @@ def test_observe_op_is_the_dense_mlp():
         out = glu_mlp_observe(*ins, act="silu", collector="nobody", key="k")
     assert calls["calibration"] == 1
     assert rel_err(out, ref) <= rel_err(_masked(ins, torch.ones(10, dtype=torch.bool), "silu"), ref) + 1e-5
+
+
+@pytest.mark.parametrize("method", ["chess", "moc"])
+def test_one_token_cpu_kernel_reads_only_the_kept_channels(method):
+    """Decode (one fp32 token on CPU) runs the compiled kernel (sparse_mlp_cpu.py); poisoning every pruned
+    channel's up row and down column with NaN leaves the result finite and equal to the masked dense MLP."""
+    from einfuse.runtime.ops import sparse_mlp_cpu
+    if not sparse_mlp_cpu.available():
+        pytest.skip("no C compiler: the torch gather path runs (covered above)")
+    H, inter, H2 = 40, 96, 24
+    ins64 = _inputs((1, 1), H, inter, H2, True, seed=21)
+    ins = _cast(ins64, torch.float32)
+    a = F.silu(F.linear(ins[0], ins[1], ins[4])).abs().reshape(-1)
+    thr = torch.full((inter,), float(a.median()))
+    k = 30
+    mask = _choose(ins, method, k=k, thr=thr).reshape(-1)
+    poisoned = list(ins)
+    poisoned[2] = ins[2].clone()
+    poisoned[2][~mask] = float("nan")
+    poisoned[3] = ins[3].clone()
+    poisoned[3][:, ~mask] = float("nan")
+    with counters.counting() as calls:
+        out, got = torch.ops.einfuse.sparse_glu_mlp(*poisoned, thr if method == "chess" else None, "silu", method,
+                                                    k, "t")
+    assert calls["sparsity_cpu_kernel"] == 1
+    assert torch.equal(got.reshape(-1), mask) and torch.isfinite(out).all()
+    ref = _masked(ins64, mask, "silu")
+    assert rel_err(out, ref) <= rel_err(_masked(ins, mask, "silu"), ref) + 1e-5

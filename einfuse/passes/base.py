@@ -127,7 +127,8 @@ def erase_dead(gm: fx.GraphModule, candidates: list[fx.Node]) -> None:
     erased: set[fx.Node] = set()
     while pending:
         n = pending.pop()
-        if n in erased or n.graph is not gm.graph or n.users or not _pure(n):
+        # _erased: erased by an earlier call (a shared cos/sin feeding two regions of one pass)
+        if n in erased or getattr(n, "_erased", False) or n.graph is not gm.graph or n.users or not _pure(n):
             continue
         inputs = list(n.all_input_nodes)
         gm.graph.erase_node(n)

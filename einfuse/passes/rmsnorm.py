@@ -6,11 +6,19 @@ nodes. Canonicalisation makes `x.pow(2).mean(-1)` and `torch.mean(x*x, -1)`,
 fp32 upcasts, the same node, so one pattern per variant (plain, Gemma's
 `1 + w`) covers every spelling. Anchors are rsqrt nodes (1/sqrt is
 canonicalised to rsqrt); each anchor's enclosing product is matched.
+
+Residual add: when a fused norm's input is an add of two same-shape, same-dtype
+tensors (`h = x + residual; y = rmsnorm(h)`, h usually the residual stream the
+graph keeps using), the add moves into the op: `einfuse::add_rms_norm` returns
+(y, h) and h's other users read the op's h. The region stays an "rmsnorm" one,
+with `bindings["residual"] = True`. An add that does not feed the norm is left
+alone. Off under `layer_skip`, whose pass finds layers by their residual adds.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 import torch.fx as fx
@@ -19,7 +27,7 @@ from einfuse.ir.from_dag import dag_to_cascade
 from einfuse.ir.lower import lower_function, lower_graph, multi_use_values
 from einfuse.ir.match import match
 from einfuse.ir.node import Node, Op, toposort
-from einfuse.runtime.ops.rmsnorm import rms_norm
+from einfuse.runtime.ops.rmsnorm import add_rms_norm, rms_norm
 from .base import PassContext, clone, covered_fx_nodes, cast_like, erase_dead, finish, insert_call, tensor_meta, value_of
 
 
@@ -74,20 +82,77 @@ def fuse_rmsnorm(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     # multi-use values opaque (Gemma's residual stream is embed * sqrt(d): flattening would merge
     # that product into the norm's own products, hiding x)
     rejected: list = []
-    _fuse_round(gm, ctx, lower_graph(gm.graph), rejected)
+    made: list = []  # (fused node, its region)
+    _fuse_round(gm, ctx, lower_graph(gm.graph), rejected, made)
     if rejected:
         retry: list = []
         before = len(ctx.report.regions)
-        _fuse_round(gm, ctx, lower_graph(gm.graph, opaque=multi_use_values(gm.graph)), retry,
+        _fuse_round(gm, ctx, lower_graph(gm.graph, opaque=multi_use_values(gm.graph)), retry, made,
                     only={r["anchor"] for r in rejected})
         fused_now = {r.anchor for r in ctx.report.regions[before:] if r.fused}
         rejected = [r for r in rejected if r["anchor"] not in fused_now]
     for r in rejected:
         ctx.new_region("rmsnorm", False, r["nodes"], r["anchor"], reason=r["reason"])
+    if not getattr(ctx.config, "layer_skip", 0.0):
+        for node, region in made:
+            if node.graph is gm.graph:
+                _fuse_residual(gm, node, region)
     return finish(gm)
 
 
-def _fuse_round(gm: fx.GraphModule, ctx: PassContext, low, rejected: list, only: set | None = None) -> None:
+_ADDS = {operator.add, torch.add, torch.Tensor.add}
+
+
+def _residual_add(a: fx.Node) -> str:
+    """Why FX node a is not an add this op can absorb ("" when it is)."""
+    if not ((a.op == "call_function" and a.target in _ADDS) or (a.op == "call_method" and a.target == "add")):
+        return "the norm's input is not an add"
+    if a.kwargs or len(a.args) != 2 or not all(isinstance(v, fx.Node) for v in a.args):
+        return "the add has a scale (alpha) or a non-tensor operand"
+    ts = [tensor_meta(v) for v in (*a.args, a)]
+    if any(t is None for t in ts):
+        return "the add's shapes are unknown"
+    # shapes by their printed form: dynamic dims are unhashable SymInts, and comparing them would guard
+    if len({(tuple(str(d) for d in t.shape), t.dtype) for t in ts}) != 1 or not ts[0].is_floating_point():
+        return "the add broadcasts or mixes dtypes"
+    return ""
+
+
+def _fuse_residual(gm: fx.GraphModule, node: fx.Node, region) -> None:
+    """node = rms_norm(a, w, eps, offset) with a = x + residual -> add_rms_norm(x, residual, w, eps, offset)."""
+    a, w, eps, offset = node.args
+    if not isinstance(a, fx.Node) or _residual_add(a):
+        return
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    others = [u for u in a.users if u is not node]
+    if not isinstance(w, fx.Node) or order[w] < order[a]:
+        where = a.next           # right after the add: w and the add's operands are all defined there
+    elif all(order[u] > order[node] for u in others):
+        where = node             # at the norm: the add's other users all come later
+    elif w.op == "get_attr":
+        a.append(w)  # a parameter read has no inputs: read it before the add
+        where = w.next
+    else:
+        return
+    g = gm.graph
+    with g.inserting_before(where):
+        new = g.call_function(add_rms_norm, (a.args[0], a.args[1], w, eps, offset))
+        y = g.call_function(operator.getitem, (new, 0))
+        h = g.call_function(operator.getitem, (new, 1))
+    y.meta, h.meta = dict(node.meta), dict(a.meta)
+    vy, vh = node.meta.get("val", node.meta.get("example_value")), a.meta.get("val", a.meta.get("example_value"))
+    if vy is not None and vh is not None:
+        new.meta["val"] = (vy, vh)
+    node.replace_all_uses_with(y)
+    g.erase_node(node)
+    a.replace_all_uses_with(h)
+    g.erase_node(a)
+    region.nodes = list(dict.fromkeys([a.name, *region.nodes]))
+    region.bindings["residual"] = True
+
+
+def _fuse_round(gm: fx.GraphModule, ctx: PassContext, low, rejected: list, made: list,
+                only: set | None = None) -> None:
     fx_of_root: dict[int, list[fx.Node]] = {}
     for f, c in low.of.items():
         fx_of_root.setdefault(id(c), []).append(f)
@@ -151,7 +216,9 @@ def _fuse_round(gm: fx.GraphModule, ctx: PassContext, low, rejected: list, only:
                 f.replace_all_uses_with(new)
         out = cast_like(gm, new, root_fx[-1], value_dtype) if value_dtype is not None else new
         cascade = dag_to_cascade("rmsnorm", {"Y": root}, {id(b["x"]): "X", id(b["w"]): "W"})
-        ctx.new_region("rmsnorm", True, [n.name for n in region_fx], anchor_fx.name if anchor_fx else first.name,
-                       cascades={"reference": cascade}, bindings={"eps": eps, "variant": name,
-                                                                   "hidden": shape_of(b["x"])[-1]})
+        region = ctx.new_region("rmsnorm", True, [n.name for n in region_fx],
+                                anchor_fx.name if anchor_fx else first.name, cascades={"reference": cascade},
+                                bindings={"eps": eps, "variant": name, "hidden": shape_of(b["x"])[-1],
+                                          "residual": False})
+        made.append((new, region))
         erase_dead(gm, list(dict.fromkeys(region_fx + root_fx)))

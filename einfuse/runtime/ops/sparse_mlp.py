@@ -20,10 +20,14 @@ gate) and columns of ``w_down`` are read:
   layer's down weight). A one-token call is a *decode* step: it multiplies only the compact weights (all
   three projections skip work). See ``CoreInferState``. ``key`` names the layer (reports, measurements).
 
-Work skipping (CPU): rows are gathered with ``index_select`` into a reused scratch buffer and multiplied
-(the copy reads only the kept rows); at one token the down projection is an ``embedding_bag`` weighted sum
-of the kept rows of a cached transposed copy of ``w_down`` (read-only, nothing materialised). With many
-tokens (prefill) CHESS/MoC gather the union of the tokens' kept channels and mask inside it; when the
+Work skipping. One fp32 token on CPU (decode, CHESS/MoC): one call of a compiled C kernel
+(sparse_mlp_cpu.py) that reads each kept channel's up row and down row once and nothing else. CUDA (or
+``EINFUSE_KERNELS=triton`` under ``TRITON_INTERPRET=1``): two Triton kernels (sparse_mlp_triton.py) over
+the union of the kept channels. Otherwise (torch, any dtype): rows are gathered with ``index_select``
+into a reused scratch buffer and multiplied (the copy reads only the kept rows); at one token the down
+projection is an ``embedding_bag`` weighted sum of the kept rows of a cached transposed copy of
+``w_down`` (read-only, nothing materialised). With many tokens (prefill) CHESS/MoC gather the union of
+the tokens' kept channels and mask inside it; when the
 union covers almost every channel the dense product with the mask is cheaper and gives the same result.
 Memory: CHESS/MoC keep one transposed copy of each down weight (cached per weight, refreshed when it
 changes: +1/3 of the MLP weights); CoreInfer keeps (1 - target) of each MLP's weights per sequence.
@@ -41,6 +45,7 @@ size [tokens, I] besides the 1-byte mask is kept between forward and backward.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,11 +56,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from einfuse.runtime import counters
+from einfuse.runtime import counters, dispatch
+from einfuse.runtime.ops import sparse_mlp_cpu, sparse_mlp_triton
 
 METHODS = ("chess", "moc", "coreinfer")
 _ACTS = ("silu", "gelu", "gelu_tanh")
 _LOW = (torch.bfloat16, torch.float16)
+TRITON_NAME = "sparse_mlp"
 DENSE_UNION = 0.85  # prefill: above this kept fraction of the union, the masked dense product is cheaper
 
 
@@ -282,6 +289,16 @@ def _sparse_rows(x2, a, mask, w_up, w_down, b_up, b_down, dt) -> Tensor:
     if K == 0:
         out = x2.new_zeros(N, H2)
         return out + b_down if b_down is not None else out
+    if dispatch.use_triton(x2, w_up, w_down) and TRITON_NAME not in dispatch.failed_kernels():
+        # CUDA (or Triton's interpreter): the gathered-row kernels of sparse_mlp_triton.py
+        a_k = a.index_select(1, idx)
+        m_k = mask.index_select(1, idx) if N > 1 else None
+        try:
+            return sparse_mlp_triton.sparse_rows(x2, a_k, m_k, idx, w_up, b_up, _rows_of_down(w_down), b_down)
+        except Exception as e:  # compile/launch failure: warn once, then the torch path below
+            dispatch.failed_kernels().add(TRITON_NAME)
+            warnings.warn(f"einfuse: Triton kernel {TRITON_NAME!r} failed ({type(e).__name__}: {e}); falling "
+                          f"back to the torch implementation", dispatch.KernelFallbackWarning, stacklevel=2)
     if N > 1 and K > DENSE_UNION * inter:  # the tokens together keep nearly every channel
         u = _opmath(_lin(x2, w_up, b_up))
         h = (a * u).mul_(mask)
@@ -323,8 +340,21 @@ def _chess_moc(x, w_gate, w_up, w_down, b_gate, b_up, b_down, thresholds, act, m
             mask = torch.zeros_like(mag, dtype=torch.bool)
             if kk > 0:
                 mask.scatter_(1, torch.topk(mag, kk, dim=1, sorted=False).indices, True)
-    out = _sparse_rows(x2, a, mask, w_up, w_down, b_up, b_down, dt)
+    if x2.shape[0] == 1 and _one_token_kernel(x2, w_up, w_down, b_up, b_down):
+        # decode: one compiled call reads each kept channel's up and down rows once (sparse_mlp_cpu.py)
+        counters.bump("sparsity_cpu_kernel")
+        out = sparse_mlp_cpu.sparse_mlp1(x2[0].contiguous(), a[0].contiguous(), mask[0], w_up, b_up,
+                                         _rows_of_down(w_down), b_down)[None]
+    else:
+        out = _sparse_rows(x2, a, mask, w_up, w_down, b_up, b_down, dt)
     return out.view(*lead, w_down.shape[0]), mask.view(*lead, inter)
+
+
+def _one_token_kernel(x2, w_up, w_down, b_up, b_down) -> bool:
+    ts = [t for t in (x2, w_up, w_down, b_up, b_down) if t is not None]
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts) and w_up.is_contiguous()
+            and (b_up is None or b_up.is_contiguous()) and (b_down is None or b_down.is_contiguous())
+            and not dispatch.use_triton(x2, w_up, w_down) and sparse_mlp_cpu.available())
 
 
 CORE_TOKEN_FRACTION = 0.1  # CoreInfer's alpha: each token's core channels are its top 10% by |act(g) * u|
