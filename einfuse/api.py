@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect as _inspect
@@ -28,15 +29,31 @@ def _compile(fn: Callable, config: OptimizeConfig, report: Report) -> Callable:
             if not config.ddp_optimizer and _distributed():
                 # Dynamo's DDPOptimizer would split the graph at DDP's gradient buckets and cut
                 # fusions apart (OptimizeConfig.ddp_optimizer); it reads this flag per frame
-                with torch._dynamo.config.patch(optimize_ddp=False):
+                with torch._dynamo.config.patch(optimize_ddp=False), _quiet_loggers():
                     return compiled(*args, **kwargs)
-            return compiled(*args, **kwargs)
+            with _quiet_loggers():
+                return compiled(*args, **kwargs)
         except Exception as e:
             _raise_if_mixed(e, args, kwargs)
             raise
 
     run.__wrapped__ = fn  # type: ignore[attr-defined]
     return run
+
+
+def _quiet_loggers():
+    """Let Dynamo skip transformers' `Logger.warning_once` instead of breaking the graph there.
+
+    transformers attaches an lru_cache'd `warning_once` to `logging.Logger`; Dynamo cannot trace it,
+    and e.g. GPT-2's `loss_function` property calls it between the lm_head and the loss, which cut
+    the logit-free loss out of the graph. Declared an ignored logging function, the call is dropped
+    from the compiled graph (the warning is not printed from compiled code)."""
+    import logging
+    extra = getattr(logging.Logger, "warning_once", None)
+    if extra is None or extra in torch._dynamo.config.ignore_logging_functions:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(
+        ignore_logging_functions=torch._dynamo.config.ignore_logging_functions | {extra})
 
 
 def _distributed() -> bool:
@@ -243,7 +260,7 @@ def inspect(model: Any, *example_args: Any, config: OptimizeConfig | None = None
     else:
         raise TypeError(f"einfuse.inspect expects an nn.Module or a function, got {type(model).__name__}")
     compiled = torch.compile(target, backend=make_backend(cfg, report), dynamic=cfg.dynamic)
-    with torch.no_grad() if not torch.is_grad_enabled() else _nullcontext():
+    with torch.no_grad() if not torch.is_grad_enabled() else _nullcontext(), _quiet_loggers():
         compiled(*example_args, **example_kwargs)
     return report
 
