@@ -210,3 +210,49 @@ def test_online_softmax_rejects_what_it_cannot_rewrite():
                                           Op.SUM, ("m",)) for e in c2.einsums]
     with pytest.raises(ValueError, match="SD"):
         online_softmax(Cascade("bad", c2.inputs, tuple(bad), c2.outputs))
+
+
+# ---------------------------------------------------------------- what the fused CPU op runs
+LOWEST64 = torch.finfo(torch.float64).min
+
+
+def test_guarded_1pass_is_derived_and_printed():
+    """derive(..., band, lse, lowest): the band is a second where, LSE rides through both
+    rewrites, and the guard SM = max(RM[m1+1], lowest) feeds the exponentials and PRM."""
+    cs = derive(scale=0.125, mask="bool", softcap=30.0, band=True, lse=True, lowest=-1e30)
+    assert "MQK[p,m] = where(W[p,m], where(M[p,m], 30 * tanh(QK[p,m] * 0.0333333), -inf), -inf)" in str(cs["3-pass"])
+    assert cs["3-pass"].outputs == ("AV", "LSE") and cs["1-pass"].outputs == ("O", "LSE")
+    lines = format_cascade(cs["1-pass"]).splitlines()
+    assert "SM[m1,p] = max(RM[m1+1,p], -1e+30)" in lines
+    assert "SLN[m1,m0,p] = exp(BMQK[m1,m0,p] - SM[m1,p])" in lines
+    assert "PRM[m1,p] = exp(RM[m1,p] - SM[m1,p])" in lines
+    assert lines[-1] == "LSE[p] = RM[M1,p] + log(RD[M1,p])"
+    assert [passes_per_rank(cs[k])["m"] for k in ("3-pass", "2-pass", "1-pass")] == [3, 2, 1]
+    # the defaults are untouched: no guard, no band, no LSE
+    assert format_cascade(derive(scale=0.125, mask="additive")["1-pass"]) == PINNED_1PASS
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_guarded_1pass_equals_eager_when_leading_tiles_are_masked(kind):
+    """Rows whose first key tiles are all -inf: the plain 1-pass is NaN there (FuseMax's
+    limitation), the guarded one equals eager; an all-masked row is NaN in both, as in eager."""
+    P, M = 5, 13
+    inputs, _ = make_inputs(P, M, 3, 2, None, seed=21)
+    g = torch.Generator().manual_seed(22)
+    keep = torch.rand(P, M, generator=g) > 0.3
+    keep[0, :8] = False     # two whole leading tiles of 4 masked
+    keep[1, :4] = False
+    keep[3] = False         # every key masked
+    mask = keep if kind == "bool" else torch.zeros(P, M, dtype=torch.float64).masked_fill(~keep, NEG_INF)
+    band = torch.ones(P, M, dtype=torch.bool).tril(M - P)
+    inputs.update(M=mask, W=band)
+    s = (2.0 * torch.tanh(inputs["Q"] @ inputs["K"].T * 0.25)).masked_fill(~keep, NEG_INF).masked_fill(~band, NEG_INF)
+    ref = torch.softmax(s, -1) @ inputs["V"]  # eager: soft-cap, then the mask, then the band
+    plain = derive(scale=0.5, mask=kind, softcap=2.0, band=True)["1-pass"]
+    guarded = derive(scale=0.5, mask=kind, softcap=2.0, band=True, lse=True, lowest=LOWEST64)["1-pass"]
+    out_plain = CascadeInterpreter(plain).run(inputs, sizes={"m0": 4})["O"]
+    res = CascadeInterpreter(guarded).run(inputs, sizes={"m0": 4})
+    assert torch.isnan(out_plain[0]).all()
+    assert torch.equal(torch.isnan(res["O"]).any(-1), torch.tensor([False, False, False, True, False]))
+    torch.testing.assert_close(res["O"].nan_to_num(0.0), ref.nan_to_num(0.0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(res["LSE"], torch.logsumexp(s, -1), rtol=1e-12, atol=1e-12)

@@ -28,9 +28,16 @@ Then two rewrites on the IR, each a function Cascade -> Cascade:
 `derive` runs the whole chain. The interpreter (`einfuse.ir.cascade.CascadeInterpreter`) runs
 all three, which is how the tests check that the rewrites preserve meaning.
 
-Limitation (as in FuseMax's cascade): with -inf masks, a row whose *leading* key tiles are
-all masked has RM = -inf there and `exp(-inf - -inf)` is NaN in the 1-pass cascade; the fused
-runtime op guards this case (it clamps the running max), the IR does not.
+Masked rows. With -inf masks, a row whose *leading* key tiles are all masked has RM = -inf
+there, and `exp(-inf - -inf)` is NaN in the plain 1-pass cascade (as in FuseMax's). Given
+`lowest` (the dtype's most negative finite value), `online_softmax` also emits the guarded
+running max `SM[m1,p] = max(RM[m1+1,p], lowest)`, read by the exponentials and the rescale
+factor `PRM = exp(RM[m1] - SM[m1])` instead of `RM[m1+1]`: it equals RM wherever RM is finite
+(every finite score is >= lowest), and where RM is still -inf the tile's exponentials are
+exp(-inf) = 0 and PRM = 0 (the running sums are 0 there anyway), so a row gets what eager
+gives: NaN only if every key is masked. The fused CPU op runs this guarded cascade
+(`einfuse.runtime.cascade_cpu`), with `band=True` (a second bool mask W, causal/sliding
+window) and `lse=True` (LSE[p] = GM + log SD, which the backward needs) where it needs them.
 """
 
 from __future__ import annotations
@@ -122,12 +129,15 @@ def _drop_dead(einsums: list[Einsum], outputs: tuple[str, ...]) -> list[Einsum]:
 # the cascade eager attention computes
 
 def attention_3pass(scale: float = 1.0, mask: str | None = None, softcap: float = 0.0,
-                    fill: float = NEG_INF, name: str = "attention") -> Cascade:
+                    fill: float = NEG_INF, name: str = "attention", band: bool = False,
+                    lse: bool = False) -> Cascade:
     """The 3-pass cascade of softmax attention with these bindings.
 
     mask: None, "additive" (M[p,m] float, added), "bool" (M[p,m] True = attend, others get
     `fill`) or "causal" (a bool M[p,m] = m <= p + T - S). softcap c > 0 maps s to c*tanh(s/c)
-    before the mask, as the fused op does.
+    before the mask, as the fused op does. band: a second bool mask W[p,m] (True = attend,
+    others -inf) after M: the fused op's causal / sliding-window band, which it computes per
+    tile from indices. lse: also output LSE[p] = GM[p] + log(SD[p]), the row log-sum-exp.
     """
     if mask not in MASK_KINDS:
         raise ValueError(f"mask kind {mask!r} is not one of {MASK_KINDS}")
@@ -147,6 +157,10 @@ def attention_3pass(scale: float = 1.0, mask: str | None = None, softcap: float 
     if mask is not None:
         inputs.append(("M", ("p", "m")))
         notes.append(f"mask: {mask}" + (" (M[p,m] = m <= p + T - S)" if mask == "causal" else ""))
+    if band:
+        x = node(Op.WHERE, (read("W", "p", "m"), x, const(NEG_INF)))
+        inputs.append(("W", ("p", "m")))
+        notes.append("band: W[p,m] (causal / sliding window)")
     if x is not s:
         es.append(Einsum("MQK", ("p", "m"), x))
         s = read("MQK", "p", "m")
@@ -157,7 +171,11 @@ def attention_3pass(scale: float = 1.0, mask: str | None = None, softcap: float 
         Einsum("A", ("p", "m"), _mul(read("SN", "p", "m"), node(Op.RECIP, (read("SD", "p"),)))),
         Einsum("AV", ("p", "f"), _mul(read("A", "p", "m"), v), Op.SUM, ("m",)),
     ]
-    return Cascade(name, tuple(inputs), tuple(es), ("AV",), tuple(notes))
+    outputs = ("AV",)
+    if lse:
+        es.append(Einsum("LSE", ("p",), node(Op.ADD, (read("GM", "p"), node(Op.LOG, (read("SD", "p"),))))))
+        outputs += ("LSE",)
+    return Cascade(name, tuple(inputs), tuple(es), outputs, tuple(notes))
 
 
 # ---------------------------------------------------------------------------------
@@ -200,7 +218,8 @@ def defer_division(c: Cascade, out: str = "O") -> Cascade:
 _RUNNING_NAMES = {"SD": ("SLD", "SPD", "RD"), "AV": ("SLNV", "SPNV", "RNV")}
 
 
-def online_softmax(c: Cascade, rank: str = "m", outer: str = "m1", inner: str = "m0") -> Cascade:
+def online_softmax(c: Cascade, rank: str = "m", outer: str = "m1", inner: str = "m0",
+                   lowest: float | None = None) -> Cascade:
     """Split `rank` into (outer, inner) tiles and turn its reductions into running state.
 
     Preconditions (checked): one max over `rank` (G), one map SN = exp(x - G), and every other
@@ -210,6 +229,10 @@ def online_softmax(c: Cascade, rank: str = "m", outer: str = "m1", inner: str = 
     SN reads the running max; each sum X becomes a per-tile sum, the previous running value
     rescaled by PRM = exp(RM[outer] - RM[outer+1]), and the running sum (from 0). Einsums
     after the loop read the final state (rank spelled outer.upper()).
+
+    With `lowest` (a finite float), the exponentials and PRM read the guarded running max
+    SM[outer] = max(RM[outer+1], lowest) instead (see the module docstring: no NaN from
+    exp(-inf - -inf) on rows whose leading tiles are fully masked).
     """
     es = list(c.einsums)
     maxes = [e for e in es if e.reduce is Op.MAX and e.over == (rank,)]
@@ -253,7 +276,7 @@ def online_softmax(c: Cascade, rank: str = "m", outer: str = "m1", inner: str = 
             assert rr[old.index(rank)] == rank, f"{name} read with {rr}"
             return read(new_name[name], outer, inner, *(x for o, x in zip(old, rr) if o != rank))
         if name == g.out:
-            return read("RM", nxt, *rr)
+            return read("RM", nxt, *rr) if lowest is None else read("SM", outer, *rr)
         if rank in rr:  # an input: the split happens in place
             return read(name, *(y for x in rr for y in ((outer, inner) if x == rank else (x,))))
         return r
@@ -272,14 +295,17 @@ def online_softmax(c: Cascade, rank: str = "m", outer: str = "m1", inner: str = 
             prev_max = read("RM", outer, *g.ranks)
             rm = Einsum("RM", (nxt,) + g.ranks, node(Op.MAX2, (prev_max, read("LM", outer, *g.ranks))), init=NEG_INF)
             out += [lm, rm]
+            if lowest is not None:
+                out.append(Einsum("SM", (outer,) + g.ranks,
+                                  node(Op.MAX2, (read("RM", nxt, *g.ranks), const(lowest)))))
             running[g.out] = ("RM", g.ranks)
         elif e is sn:
             out.append(Einsum("SLN", front(sn.ranks), _map_reads(sn.expr, tile_read)))
         elif e in sums:
             local, scaled, run = _RUNNING_NAMES.get(e.out, (f"L{e.out}", f"SP{e.out}", f"R{e.out}"))
             if not prm_done:
-                out.append(Einsum("PRM", (outer,) + g.ranks,
-                                  _exp(_sub(read("RM", outer, *g.ranks), read("RM", nxt, *g.ranks)))))
+                new_max = read("RM", nxt, *g.ranks) if lowest is None else read("SM", outer, *g.ranks)
+                out.append(Einsum("PRM", (outer,) + g.ranks, _exp(_sub(read("RM", outer, *g.ranks), new_max))))
                 prm_done = True
             out.append(Einsum(local, (outer,) + e.ranks, _map_reads(e.expr, tile_read), Op.SUM, (inner,)))
             prev, prm = read(run, outer, *e.ranks), read("PRM", outer, *g.ranks)
@@ -353,9 +379,14 @@ def passes_per_rank(cascade: Cascade) -> dict[str, int]:
 # the whole derivation
 
 def derive(scale: float = 1.0, mask: str | None = None, softcap: float = 0.0,
-           fill: float = NEG_INF) -> dict[str, Cascade]:
-    """{"3-pass": c3, "2-pass": c2, "1-pass": c1}: the eager cascade and its two rewrites."""
-    c3 = attention_3pass(scale, mask, softcap, fill)
+           fill: float = NEG_INF, *, band: bool = False, lse: bool = False,
+           lowest: float | None = None) -> dict[str, Cascade]:
+    """{"3-pass": c3, "2-pass": c2, "1-pass": c1}: the eager cascade and its two rewrites.
+
+    band, lse: see `attention_3pass`; lowest: the masked-row guard of `online_softmax`. The
+    fused CPU op runs `derive(..., lse=True, lowest=finfo(acc dtype).min)["1-pass"]`.
+    """
+    c3 = attention_3pass(scale, mask, softcap, fill, band=band, lse=lse)
     c2 = defer_division(c3)
-    c1 = online_softmax(c2)
+    c1 = online_softmax(c2, lowest=lowest)
     return {"3-pass": c3, "2-pass": c2, "1-pass": c1}

@@ -4,9 +4,11 @@ Every numeric check follows the project rule: error = ||x - ref|| / ||ref|| agai
 eager reference; the fused result's error must not exceed plain eager's (same dtype) error
 by more than TOL[dtype]. Forward and dq, dk, dv are checked; each test asserts the fused
 ops ran (counters). Both execution paths are exercised: ATen's fused CPU kernel (where the
-op dispatches to it) and the Python online-softmax tile loop (``USE_NATIVE = False``),
-the latter with tiny tiles so that many tiles, the causal band skipping and the backward's
-two-pass form really run. The fp64 reference sees the same dtype-rounded inputs.
+op dispatches to it) and the tiled path (``USE_NATIVE = False``, and every call ATen cannot
+take): forward = the derived 1-pass cascade run by the tiled cascade executor (counted under
+the cascade's key), backward = the hand-tiled loop; with tiny tiles so that many tiles, the
+causal band skipping and the backward's two-pass form really run. The fp64 reference sees
+the same dtype-rounded inputs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from hypothesis import strategies as st
 from torch.autograd.graph import saved_tensors_hooks
 
 import einfuse.runtime.ops.attention as A
+from einfuse.ir.attention_cascades import derive
 from einfuse.runtime import counters
+from einfuse.runtime.cascade_cpu import watching
 from einfuse.runtime.ops.attention import attention
 
 try:
@@ -374,7 +378,11 @@ def test_non_contiguous_inputs():
 
 # ---------------------------------------------------------------- tiling, memory, dispatch
 def test_tiling_is_used(monkeypatch):
-    """Small tiles: many (query, key) tiles run, never larger than the block, causal band skipped."""
+    """Small tiles: many (query, key) tiles run, never larger than the block, causal band skipped.
+
+    The forward's tiles are the cascade executor's steps (`cascade_cpu.watching`), the
+    backward's the hand-tiled `_Tiles.scores` calls.
+    """
     monkeypatch.setattr(A, "USE_NATIVE", False)
     monkeypatch.setattr(A, "BLOCK_Q", 4)
     monkeypatch.setattr(A, "BLOCK_K", 5)
@@ -390,23 +398,29 @@ def test_tiling_is_used(monkeypatch):
     monkeypatch.setattr(A._Tiles, "scores", spy)
     B, Hq, Hkv, S, T = 1, 6, 2, 23, 23
     q, k, v, go = make_inputs(B, Hq, Hkv, S, T, 8, seed=12)
-    check(q, k, v, go, dtype=torch.float32, scale=0.3)  # full: every tile
+    with watching() as fwd:
+        check(q, k, v, go, dtype=torch.float32, scale=0.3)  # full: every tile
     grid = math.ceil(S / 4) * math.ceil(T / 5)
-    assert len(seen) == 3 * grid  # forward + the backward's statistics pass + its gradient pass
+    assert len(fwd) == grid and len(seen) == 2 * grid  # forward; the backward's statistics + gradient passes
+    # largest temporary: a [B, Hq, 4 queries, 5 keys] score tile or the [B, Hq, 4, Dv] accumulator
+    assert max(r.biggest for r in fwd) == B * Hq * 4 * max(5, 8)
+    assert max(r.tile[1] - r.tile[0] for r in fwd) == 5 and max(r.chunk[1] - r.chunk[0] for r in fwd) == 4
     assert max(s[-2] for s in seen) == 4 * (Hq // Hkv) and max(s[-1] for s in seen) == 5
+    assert {r.key for r in fwd} == {derive(0.3, lse=True, lowest=torch.finfo(torch.float32).min)["1-pass"].key()}
     seen.clear()
     kw = dict(scale=0.3, is_causal=True, window=6)
-    with torch.no_grad():
+    with watching() as fwd, torch.no_grad():
         attention(q.float(), k.float(), v.float(), **kw)
-    band = len(seen)
+    band = len(fwd)
     assert 1 < band < grid  # the forward visits only the band's tiles
+    seen.clear()
     check(q, k, v, go, dtype=torch.float32, **kw)
-    assert 2 * band < len(seen) <= 4 * band  # + backward: 1 pass (1 key tile) or 2 per query tile
+    assert band < len(seen) <= 2 * band  # backward: 1 pass (1 key tile) or 2 per query tile
     # the tile size changes the arithmetic order, not the result
     monkeypatch.setattr(A, "BLOCK_K", 1000)
-    seen.clear()
-    out_one = attention(q.float(), k.float(), v.float(), scale=0.3)
-    assert len(seen) == math.ceil(S / 4)
+    with watching() as fwd:
+        out_one = attention(q.float(), k.float(), v.float(), scale=0.3)
+    assert len(fwd) == math.ceil(S / 4)
     monkeypatch.setattr(A, "BLOCK_K", 3)
     out_many = attention(q.float(), k.float(), v.float(), scale=0.3)
     assert rel_err(out_many, out_one) < 1e-6
@@ -415,12 +429,13 @@ def test_tiling_is_used(monkeypatch):
     monkeypatch.setattr(A, "MAX_TILE_ELEMS", 1 << 22)
     seen.clear()
     check(q, k, v, go, dtype=torch.float32, scale=0.3)
-    assert len(seen) == grid + math.ceil(S / 4)
+    assert len(seen) == math.ceil(S / 4)
     assert seen[-1][-1] == T
 
 
 def test_memory_long_sequence(monkeypatch):
-    """S = T = 1024: no [S, T] temporary in the tiled path, and only O(S*D) saved for backward."""
+    """S = T = 1024: no [S, T] temporary in forward (cascade executor) or backward (tile loop),
+    and only O(S*D) saved for backward."""
     monkeypatch.setattr(A, "USE_NATIVE", False)
     monkeypatch.setattr(A, "MAX_TILE_ELEMS", 1 << 18)  # well below B * H * S * S = 2**21
     biggest = []
@@ -440,16 +455,88 @@ def test_memory_long_sequence(monkeypatch):
         saved.append(t)
         return t
 
-    with counters.counting() as c:
+    with counters.counting() as c, watching() as fwd:
         with saved_tensors_hooks(pack, lambda t: t):
-            out = attention(q, k, v, scale=0.25, is_causal=True)
+            out = attention(q, k, v, scale=0.25, is_causal=True, softcap=50.0)
         out.sum().backward()
     assert c["attention"] == 1 and c["attention_backward"] == 1
-    assert max(biggest) <= A.MAX_TILE_ELEMS < B * H * S * S
+    assert len(fwd) > 1 and max(r.biggest for r in fwd) <= A.MAX_TILE_ELEMS < B * H * S * S
+    assert max(biggest) <= A.MAX_TILE_ELEMS
     # q, k, v, out (B*H*S*D each) + lse (B*H*S): no probabilities, no score matrix
     assert sum(t.numel() for t in saved) == 4 * B * H * S * D + B * H * S
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25, is_causal=True)
+    s = torch.matmul(q, k.transpose(-1, -2)).mul(0.25).div(50.0).tanh().mul(50.0)
+    ref = torch.softmax(s.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), NEG_INF), -1) @ v
     assert rel_err(out, ref) < 1e-5
+
+
+# ---------------------------------------------------------------- the derived cascade really runs
+def _expected_key(scale, mask_kind=None, softcap=0.0, band=False, dtype=torch.float32):
+    """The key of the derivation's 1-pass cascade, spelled out here (not taken from the op)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    c = derive(scale, mask_kind, softcap, band=band, lse=True, lowest=torch.finfo(acc).min)["1-pass"]
+    return "cascade:" + c.key()
+
+
+CASCADE_CASES = [  # id, shape (B, Hq, Hkv, S, T, D, Dv), kwargs, mask kind, mask kind in the cascade, band
+    ("softcap", (2, 4, 2, 13, 13, 8, 8), dict(softcap=20.0), None, None, False),
+    ("softcap-causal-gqa", (1, 6, 2, 11, 17, 16, 16), dict(softcap=30.0, is_causal=True), None, None, True),
+    ("window", (2, 4, 4, 9, 9, 8, 8), dict(is_causal=True, window=3), None, None, True),
+    ("causal-S<T", (1, 4, 1, 5, 12, 8, 8), dict(is_causal=True), None, None, True),
+    ("Dv!=D", (1, 6, 3, 7, 10, 8, 12), {}, None, None, False),
+    ("bool-dead-rows", (2, 6, 3, 9, 14, 8, 8), {}, "bool_dead", "bool", False),
+    ("additive-inf-dead-rows-softcap", (2, 4, 2, 7, 11, 16, 16), dict(softcap=15.0), "inf_dead", "additive", False),
+    ("hf-finfo-min-causal-window", (2, 6, 2, 9, 9, 8, 8), dict(is_causal=True, window=4), "hf", "additive", True),
+    ("length-1", (1, 2, 1, 1, 1, 8, 8), dict(softcap=5.0), None, None, False),
+]
+
+
+def _cascade_mask(kind, B, S, T, dtype, g):
+    if kind == "bool_dead":
+        m = torch.rand(B, 1, S, T, generator=g) > 0.3
+        m[0, 0, 2] = False          # fully masked row
+        m[1, 0, 4, :6] = False      # leading key tiles masked
+        return m
+    if kind == "inf_dead":
+        m = torch.zeros(B, 1, S, T, dtype=dtype)
+        m[1, 0, 3] = NEG_INF
+        m[0, 0, :, :5] = NEG_INF
+        return m
+    if kind == "hf":
+        return hf_mask(B, S, T, dtype, pad=[0, 3], dead_rows=[(0, 5)], causal=False)
+    return None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("case", CASCADE_CASES, ids=[c[0] for c in CASCADE_CASES])
+def test_cpu_path_runs_the_derived_cascade(case, dtype):
+    """Where ATen's kernel cannot take the call, the forward is the derivation's 1-pass cascade
+    (counted under its structural key) run by the tiled executor; fp64 rule on out, dq, dk, dv,
+    fully masked rows NaN exactly where eager has them (and 0 in sdpa mode)."""
+    name, (B, Hq, Hkv, S, T, D, Dv), kw, mkind, ckind, band = case
+    q, k, v, go = make_inputs(B, Hq, Hkv, S, T, D, Dv, mag=2.0, seed=S * T + D)
+    mask = _cascade_mask(mkind, B, S, T, dtype, torch.Generator().manual_seed(S + T))
+    scale = D ** -0.5
+    want = _expected_key(scale, ckind, kw.get("softcap", 0.0), band, dtype)
+    for sdpa_rows in (False, True):
+        with config(True, bq=4, bk=5), counters.counting() as c:
+            check(q, k, v, go, mask, dtype=dtype, scale=scale, sdpa_masked_rows=sdpa_rows, **kw)
+            m = mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
+            native = A._native_plan(q.to(dtype), k.to(dtype), v.to(dtype), m, kw.get("is_causal", False),
+                                    kw.get("window", -1), kw.get("softcap", 0.0), sdpa_rows) is not None
+        # ATen's kernel takes only sdpa-mode bool masks here (it zeroes dead rows, as that mode wants)
+        assert native == (sdpa_rows and name == "bool-dead-rows")
+        assert c[want] == (0 if native else 1), f"the derived cascade did not run: {dict(c)}"
+
+
+def test_native_path_runs_no_cascade():
+    """Plain attention goes to ATen's kernel (its semantics match): no cascade runs."""
+    q, k, v, go = make_inputs(1, 4, 2, 8, 8, 16, seed=30)
+    with config(True), counters.counting() as c:
+        check(q, k, v, go, dtype=torch.float32, scale=0.25, is_causal=True)
+    assert not [key for key in c if key.startswith("cascade:")]
+    with config(False), counters.counting() as c:  # USE_NATIVE off: the cascade takes every call
+        check(q, k, v, go, dtype=torch.float32, scale=0.25, is_causal=True)
+    assert c[_expected_key(0.25, band=True)] == 1
 
 
 def test_native_dispatch_plan():

@@ -13,16 +13,21 @@ Device dispatch: CUDA tensors (or CPU tensors with EINFUSE_KERNELS=triton and TR
 run the generated Triton kernels of ``einfuse.codegen.ops.attention`` / ``attention_backward``
 instead of what follows (via ``einfuse.runtime.dispatch``; a kernel failure falls back here).
 
-Algorithm (CPU). The eager cascade traverses the key rank three times (max, sum, A @ V).
-The tiled path here is the 1-pass cascade: keys are split into tiles of ``BLOCK_K`` and a
-running max ``m``, denominator ``l`` and numerator ``acc`` are carried across tiles, the old
-state being rescaled by ``exp(m_old - m_new)``. Queries are tiled too (``BLOCK_Q`` rows, fewer
-when B*Hq is large, see ``MAX_TILE_ELEMS``), so the largest temporary is one
-[B, Hq, block_q, block_k] score tile, never [S, T]. For causal/windowed attention only the
-key tiles inside each query tile's band are visited. GQA never copies K/V: the G query heads
-of a kv head are folded into the row dimension ([B, Hkv, G * rows, D]), so each score tile is
-one batched matmul against the un-expanded K tile, and the backward's sums over the group
-fall out of the same matmuls. All softmax state is fp32 (fp64 for fp64 inputs).
+Algorithm (CPU forward). The eager cascade traverses the key rank three times (max, sum,
+A @ V). The forward runs the 1-pass cascade *derived* from it on the IR
+(``einfuse.ir.attention_cascades.derive(scale, mask kind, softcap, band=causal or window,
+lse=True, lowest=finfo(acc).min)["1-pass"]``: defer the division, then online softmax over key
+tiles, with the masked-row guard) through the tiled cascade executor
+(``einfuse.runtime.cascade_cpu.TiledExecutor``): keys in tiles of ``BLOCK_K``, a running max,
+denominator and numerator carried across tiles exactly as the cascade's Einsums say; query
+rows in chunks of ``BLOCK_Q`` (fewer when B*Hq is large, see ``MAX_TILE_ELEMS``), so the
+largest temporary is one [B, Hq, block_q, block_k] score tile, never [S, T]. Each run bumps
+``counters`` under ``"cascade:" + cascade.key()``. Causal/window attention is the cascade's
+second bool mask W, built per tile from indices (a scalar True on tiles inside the band), and
+only the key tiles inside each query chunk's band are visited (the others would leave the
+running state unchanged). GQA never copies K/V: heads are batch dims [B, Hkv, G] and a kv
+head's K/V tile (size 1 on G) is folded into the rows of one batched matmul. All softmax state
+is fp32 (fp64 for fp64 inputs).
 
 Where ATen's fused CPU kernel ``aten::_scaled_dot_product_flash_attention_for_cpu`` has exactly
 these semantics its forward is used instead (the same online-softmax algorithm in C++,
@@ -38,8 +43,10 @@ weights in both modes); ``sdpa_masked_rows=True`` gives zeros, like
 ``F.scaled_dot_product_attention`` on CPU. ``lse`` is -inf on such rows; they add no gradient.
 
 Saved for backward: q, k, v, out, lse (per row, fp32) and the mask: O((S + T) * D) memory,
-no probabilities. The tiled backward recomputes the probabilities tile by tile, using lse as
-the shift: x = exp(s - lse). It does not trust the saved statistics to the last bit, though:
+no probabilities. The backward is a hand-written tile loop (``_Tiles``), not a cascade run: the
+derived backward cascades (``einfuse.codegen.library.attention_backward_*``) use the textbook
+delta = rowsum(dO * O), the inaccurate form described next. It recomputes the probabilities
+tile by tile, using lse as the shift: x = exp(s - lse). It does not trust the saved statistics to the last bit, though:
 per query tile it sums, in fp64, c = sum_j x and u = sum_j x * dP (dP = dO V^T), and uses
 P = x / c, delta = u / c (- dlse), dS = P * (dP - delta) (times 1 - tanh^2 under softcap),
 with delta applied as an fp32 hi + lo pair; then dQ += dS K * scale per query tile,
@@ -57,16 +64,19 @@ checked in torch 2.13).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from einfuse.ir.attention_cascades import derive
 from einfuse.runtime import counters, dispatch
+from einfuse.runtime.cascade_cpu import TiledExecutor
 
 __all__ = ["attention", "attention_op", "attention_backward_op"]
 
-# Tile sizes of the Python online-softmax path (module constants so tests can shrink them).
+# Tile sizes of the CPU paths (module constants so tests can shrink them).
 BLOCK_Q = 256  # query positions per tile (per head)
 BLOCK_K = 512  # keys per tile
 MAX_TILE_ELEMS = 1 << 22  # cap on B * Hq * block_q * block_k (16 MiB of fp32 scores)
@@ -183,51 +193,69 @@ class _Tiles:
 
     def _band(self, i0, i1, j0, j1, device) -> Optional[Tensor]:
         """[rows, keys] bool of causal/window exclusions, None when the tile needs none."""
-        need_causal = self.is_causal and j1 - 1 > i0 + self.off
-        need_window = self.window > 0 and j0 <= i1 - 1 + self.off - self.window
-        if not (need_causal or need_window):
-            return None
-        ii = torch.arange(i0, i1, device=device)[:, None] + self.off
-        jj = torch.arange(j0, j1, device=device)[None, :]
-        bad = jj > ii if need_causal else torch.zeros(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
-        if need_window:
-            bad |= jj <= ii - self.window
-        return bad
+        keep = _band_keep(i0, i1, j0, j1, self.off, self.is_causal, self.window, device)
+        return None if keep is True else ~keep
 
 
-# --------------------------------------------------------------------------- tiled path
-def _forward_tiled(q, k, v, mask, scale, is_causal, window, softcap, sdpa_masked_rows):
-    t = _Tiles(q, k, v, mask, scale, is_causal, window, softcap)
-    B, Hkv, G, S, Dv = t.B, t.Hkv, t.G, t.S, t.Dv
-    out = q.new_empty(B, t.Hq, S, Dv)
-    lse = q.new_empty(B, t.Hq, S, dtype=t.acc)
-    out5, lse5 = out.view(B, Hkv, G, S, Dv), lse.view(B, Hkv, G, S)
-    for i0, i1, ktiles in t.query_tiles():
-        sq = i1 - i0
-        qt = t.rows(t.q5, i0, i1).mul_(scale) if t.acc != q.dtype else t.rows(t.q5, i0, i1) * scale
-        m = qt.new_full((B, Hkv, G * sq), _NEG_INF)
-        den = qt.new_zeros(B, Hkv, G * sq)
-        acc = qt.new_zeros(B, Hkv, G * sq, Dv)
-        for j0, j1 in ktiles:
-            s, _ = t.scores(qt, i0, i1, j0, j1)
-            m_new = torch.maximum(m, s.amax(-1))
-            m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)  # all -inf so far: avoid -inf - -inf
-            corr = torch.exp(m - m_safe)
-            p = s.sub_(m_safe.unsqueeze(-1)).exp_()
-            den = torch.addcmul(p.sum(-1), den, corr)
-            acc = torch.matmul(p, v[:, :, j0:j1].to(t.acc)).addcmul_(acc, corr.unsqueeze(-1))
-            m = m_new
-        if t.T == 0:  # eager: softmax over nothing @ empty v == 0
-            o = acc
-        else:
-            o = acc / den.unsqueeze(-1)  # 0/0 = NaN on fully masked rows, like eager softmax
-            if sdpa_masked_rows:
-                o = o.masked_fill_((den == 0).unsqueeze(-1), 0.0)
-        out5[:, :, :, i0:i1] = o.view(B, Hkv, G, sq, Dv)
-        lse5[:, :, :, i0:i1] = (m + den.log()).view(B, Hkv, G, sq)
+# --------------------------------------------------------------------------- cascade path
+@functools.lru_cache(maxsize=128)
+def _forward_cascade_for(scale: float, kind: Optional[str], softcap: float, band: bool, acc: torch.dtype):
+    """The derived 1-pass cascade of these bindings (with LSE and the masked-row guard), compiled."""
+    c = derive(scale, kind, softcap, band=band, lse=True, lowest=torch.finfo(acc).min)["1-pass"]
+    return TiledExecutor(c)
+
+
+def _band_keep(i0: int, i1: int, j0: int, j1: int, off: int, is_causal: bool, window: int, device=None):
+    """W[p, m] of one tile (True = attend): True when the tile needs no causal/window exclusion."""
+    need_causal = is_causal and j1 - 1 > i0 + off
+    need_window = window > 0 and j0 <= i1 - 1 + off - window
+    if not (need_causal or need_window):
+        return True
+    ii = torch.arange(i0, i1, device=device)[:, None] + off
+    jj = torch.arange(j0, j1, device=device)[None, :]
+    keep = jj <= ii if need_causal else torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
+    if need_window:
+        keep &= jj > ii - window
+    return keep
+
+
+def _forward_cascade(q, k, v, mask, scale, is_causal, window, softcap, sdpa_masked_rows):
+    """Run the derived 1-pass cascade (`einfuse.ir.attention_cascades.derive`) with the tiled
+    cascade executor: query rows in chunks of `bq`, keys in tiles of `bk` (the band only)."""
+    B, Hq, S, _ = q.shape
+    Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    acc = _acc_dtype(q.dtype)
+    out = q.new_empty(B, Hq, S, Dv)
+    lse = q.new_empty(B, Hq, S, dtype=acc)
+    if S == 0:
+        return out, lse
+    if T == 0:  # eager: softmax over nothing @ empty v == 0, logsumexp of nothing = -inf
+        return out.zero_(), lse.fill_(_NEG_INF)
+    kind = None if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
+    band = bool(is_causal) or window > 0
+    ex = _forward_cascade_for(float(scale), kind, float(softcap), band, acc)
+    off = T - S
+    # batch dims [B, Hkv, G]: a kv head's K/V tile is shared (size 1) by its G query heads
+    inputs = {"Q": q.unflatten(1, (Hkv, G)), "K": k.unsqueeze(2), "V": v.unsqueeze(2)}
+    if kind is not None:
+        inputs["M"] = _mask5(mask, Hkv, G)
+    key_range = None
+    if band:
+        inputs["W"] = lambda sl: _band_keep(*sl["p"], *sl["m"], off, is_causal, window, q.device)
+
+        def key_range(sl):  # key tiles outside the band are fully masked: skipping them is exact
+            return _key_range(*sl["p"], T, off, is_causal, window)
+    bk = max(1, min(BLOCK_K, T))
+    bq = _block_q(B * Hq, S, bk)
+    ex.run(inputs, tile=bk, batch_dims=3, chunks={"p": bq}, key_range=key_range, dtype=acc,
+           out={"O": out.view(B, Hkv, G, S, Dv), "LSE": lse.view(B, Hkv, G, S)})
+    if sdpa_masked_rows:  # rows that see no key: zeros, like F.scaled_dot_product_attention on CPU
+        out.masked_fill_(torch.isneginf(lse).unsqueeze(-1), 0.0)
     return out, lse
 
 
+# --------------------------------------------------------------------------- tiled backward
 def _backward_tiled(dout, dlse, q, k, v, lse, mask, scale, is_causal, window, softcap):
     t = _Tiles(q, k, v, mask, scale, is_causal, window, softcap, wide_keys=True)
     B, Hkv, G, S, D = t.B, t.Hkv, t.G, t.S, t.D
@@ -259,7 +287,8 @@ def _backward_tiled(dout, dlse, q, k, v, lse, mask, scale, is_causal, window, so
         for j0, j1 in ktiles:
             x, _, dp = cached[0] if cached else tile(qt, dot, lse_t, i0, i1, j0, j1)
             c += x.sum(-1, dtype=torch.float64)
-            u += x.double().mul_(dp).sum(-1)  # products of fp32 values are exact in fp64
+            # (a copy: for fp64 inputs .double() would alias x, which the gradient pass reuses)
+            u += x.to(torch.float64, copy=True).mul_(dp).sum(-1)  # fp32 products are exact in fp64
         delta = u / c.masked_fill(c == 0, 1.0)
         if dlse5 is not None:  # d lse / d s = P: folds into the same row term
             delta -= t.rows(dlse5, i0, i1).double()
@@ -372,7 +401,7 @@ def attention_op(
     plan = _native_plan(q, k, v, mask, is_causal, window, softcap, sdpa_masked_rows)
     if plan is not None:
         return _forward_native(q, k, v, plan, scale)
-    return _forward_tiled(q, k, v, mask, scale, is_causal, window, softcap, sdpa_masked_rows)
+    return _forward_cascade(q, k, v, mask, scale, is_causal, window, softcap, sdpa_masked_rows)
 
 
 @attention_op.register_fake
