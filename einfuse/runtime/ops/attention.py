@@ -72,6 +72,7 @@ from torch import Tensor
 
 from einfuse.ir.attention_cascades import derive
 from einfuse.runtime import counters, dispatch
+from einfuse.runtime.ops._checks import same_device
 from einfuse.runtime.cascade_cpu import TiledExecutor
 
 __all__ = ["attention", "attention_op", "attention_backward_op"]
@@ -94,6 +95,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
+    same_device("attention", q=q, k=k, v=v, mask=mask)
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D")
     B, Hq, S, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from einfuse.runtime import counters, dispatch
+from einfuse.runtime.ops._checks import same_device
 
 
 def _forward(x: Tensor, weight: Tensor, eps: float, offset: float) -> tuple[Tensor, Tensor]:
@@ -42,6 +43,7 @@ def rms_norm_op(x: Tensor, weight: Tensor, eps: float, offset: float) -> tuple[T
 
 @rms_norm_op.register_fake
 def _(x, weight, eps, offset):
+    same_device("rms_norm", x=x, weight=weight)
     out_dtype = torch.result_type(x, weight)
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
@@ -118,6 +120,7 @@ def add_rms_norm_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
 
 @add_rms_norm_op.register_fake
 def _(x, residual, weight, eps, offset):
+    same_device("add_rms_norm", x=x, residual=residual, weight=weight)
     h_dtype = torch.result_type(x, residual)
     out_dtype = torch.promote_types(h_dtype, weight.dtype)
     return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape, dtype=h_dtype),

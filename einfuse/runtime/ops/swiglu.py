@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from einfuse.runtime import counters, dispatch
+from einfuse.runtime.ops._checks import same_device
 
 _ACTS = ("silu", "gelu", "gelu_tanh")
 _LOW = (torch.bfloat16, torch.float16)
@@ -83,6 +84,7 @@ def _glu_fwd(gate: Tensor, up: Tensor, act: str) -> Tensor:
 
 def _check_glu(gate: Tensor, up: Tensor, act: str) -> None:
     _check_act(act)
+    same_device("glu", gate=gate, up=up)
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(
             f"einfuse::glu: gate and up must have the same shape and dtype, got "
@@ -151,6 +153,8 @@ def glu(gate: Tensor, up: Tensor, act: str = "silu") -> Tensor:
 
 def _check_mlp(x, w_gate, w_up, w_down, b_gate, b_up, b_down, act) -> None:
     _check_act(act)
+    same_device("glu_mlp", x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, b_gate=b_gate, b_up=b_up,
+                b_down=b_down)
     if w_gate.dim() != 2 or w_up.dim() != 2 or w_down.dim() != 2 or x.dim() < 1:
         raise ValueError("einfuse::glu_mlp: weights must be 2-D and x at least 1-D")
     H = x.shape[-1]
