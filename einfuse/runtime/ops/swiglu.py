@@ -250,7 +250,14 @@ def glu_mlp_backward_op(
         dbd = go.sum(0)
     if need_x or need_wg or need_wu or need_bg or need_bu:
         dh = torch.mm(go, w_down)  # [N, I], fresh
-        if low:
+        tri = dispatch.try_triton("glu_backward", dh, g2, u2, act)  # CUDA: the generated kernel
+        if tri is not None:
+            dg, du = (t.float() for t in tri) if low else tri
+            del a, h, dh
+            if low:
+                x2 = x2.float()
+                w_gate, w_up = w_gate.float(), w_up.float()
+        elif low:
             # keep dg/du in fp32 through the weight-gradient matmuls and round once at the end:
             # rounding them to bf16 first adds an error eager does not have (and fp32 GEMM is
             # no slower than bf16 on most CPUs)
@@ -266,7 +273,8 @@ def glu_mlp_backward_op(
             du = torch.mul(dh, a, out=h) if h is not None else dh * a
             dh.mul_(u2)
             dg = _act_bwd(dh, g2, act, out=a)  # a is dead: reuse its buffer
-        del dh
+        if tri is None:
+            del dh
         if need_x:
             dx = torch.mm(dg, w_gate).addmm_(du, w_up).view(x.shape).to(dt)
         if need_wg:
