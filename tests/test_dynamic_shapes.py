@@ -56,7 +56,8 @@ def _report(request, key, fast, per_call):
     out = {"calls": len(SHAPES), "shapes": SHAPES, **stats, "graphs_after_each_call": per_call,
            "symbols": sorted({s for r in compile_records(rep) for s in r.symbols})}
     print(f"\nEINFUSE_DYNAMIC {key} " + json.dumps(out))
-    request.config.cache.set(f"einfuse/dynamic_shapes/{key}", out)
+    if getattr(request.config, "cache", None) is not None:  # absent under -p no:cacheprovider
+        request.config.cache.set(f"einfuse/dynamic_shapes/{key}", out)
     return rep, stats
 
 

@@ -61,7 +61,8 @@ def _tally(request):
            "ill_conditioned": dict(ILL_CONDITIONED),
            "examples_per_test": EXAMPLES}
     print("\nEINFUSE_FUZZ " + json.dumps(out))
-    request.config.cache.set("einfuse/fuzz", out)
+    if getattr(request.config, "cache", None) is not None:  # absent under -p no:cacheprovider
+        request.config.cache.set("einfuse/fuzz", out)
 
 
 def _gen(seed):
