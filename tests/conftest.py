@@ -6,6 +6,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same cases on every run (CI must not be flaky); HYPOTHESIS_PROFILE=explore
+# draws new ones for a local bug hunt.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)

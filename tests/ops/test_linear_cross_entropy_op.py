@@ -74,8 +74,9 @@ def assert_close_to_ref(fused, eager, ref, dtype, what):
     if not ref.detach().any():
         # The fp64 reference can be exactly zero where the true value is merely tiny
         # (e.g. a fully saturated softcap: 1 - tanh**2 == 0 in fp64); relative error is
-        # meaningless then, so require a negligible result instead.
-        assert torch.linalg.vector_norm(fused.detach().double()) <= 1e-20, what
+        # meaningless then, so require a negligible result instead (the saturated derivative
+        # is ~1e-19 in fp32 where fp64 rounds it to 0; gradients here are O(1e-3..1)).
+        assert torch.linalg.vector_norm(fused.detach().double()) <= 1e-12, what
         return
     ef, ee = rel_err(fused, ref), rel_err(eager, ref)
     assert ef <= ee + TOL[dtype], f"{what}: fused err {ef:.3e} > eager err {ee:.3e} + {TOL[dtype]}"
