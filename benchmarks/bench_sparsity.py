@@ -49,31 +49,18 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("chess", "moc", "coreinfer")
 PASSES = ("layer_skip", "sparsity")
+
+
 def cache_dir() -> Path:
-    from einfuse.models.smollm2 import cache_dir as models_dir
-    return models_dir() / "smollm2-135m-fp32"
+    from common import smollm2_fp32_dir
+    return smollm2_fp32_dir()
 
 
 def prepare(a) -> dict:
     """Convert the .gguf once (same directory as bench_quantize.py); tokenize the text once."""
-    import torch
     from safetensors.torch import save_file
-    d = cache_dir()
-    if not (d / "config.json").exists():
-        from einfuse.models.smollm2 import load_smollm2
-        print("converting SmolLM2-135M from .gguf (once; 1-2 min) ...", flush=True)
-        model, tok = load_smollm2()
-        d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
-        cfg = model.config
-        if hasattr(cfg, "quantization_config"):
-            delattr(cfg, "quantization_config")
-        cfg.save_pretrained(d)
-        tok.save_pretrained(d)
-        del model
+    from common import ensure_smollm2_fp32
+    d = ensure_smollm2_fp32()
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(d))
     ids = tok(Path(a.text).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]

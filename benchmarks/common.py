@@ -121,3 +121,33 @@ def save(name: str, rows: list[dict], md: str, meta: dict) -> Path:
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (RESULTS / f"{name}.md").write_text(md + "\n")
     return RESULTS / f"{name}.md"
+
+
+def smollm2_fp32_dir() -> Path:
+    """Where the SmolLM2 benchmarks keep the model converted once from its .gguf (config + safetensors)."""
+    from einfuse.models.smollm2 import cache_dir as models_dir
+    return models_dir() / "smollm2-135m-fp32"
+
+
+def ensure_smollm2_fp32() -> Path:
+    """Convert SmolLM2-135M's .gguf once (1-2 min) so that later processes load it in seconds.
+
+    transformers' save_pretrained refuses a model loaded from a .gguf, so the config, the tokenizer and
+    the weights (the tied lm_head once, as the embedding) are written here directly."""
+    from safetensors.torch import save_file
+    d = smollm2_fp32_dir()
+    if not (d / "config.json").exists():
+        from einfuse.models.smollm2 import load_smollm2
+        print("converting SmolLM2-135M from .gguf (once; 1-2 min) ...", flush=True)
+        model, tok = load_smollm2()
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+        cfg = model.config
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+        cfg.save_pretrained(d)
+        tok.save_pretrained(d)
+    return d

@@ -54,15 +54,9 @@ def rms_norm_backward_op(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, 
     out = dispatch.try_triton("rmsnorm_backward", grad, x, weight, rstd, offset, need_weight_grad)
     if out is not None:
         return out
-    g = grad.float()
-    r = rstd.unsqueeze(-1)
-    xhat = x.float() * r
-    w = weight.float() + offset if offset else weight.float()
-    gw = g * w
-    dot = (gw * xhat).mean(-1, keepdim=True)
-    dx = (gw - xhat * dot).mul_(r)
+    dx, xhat = _dx_fp32(grad, x, weight, rstd, offset)
     if need_weight_grad:
-        dw = (g * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        dw = (grad.float() * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
     else:
         dw = torch.zeros_like(weight)
     return dx.to(x.dtype), dw
