@@ -34,7 +34,6 @@ Not imported by the tests.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -109,27 +108,6 @@ def _make_tracker():
     return LiveStorageTracker
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # pragma: no cover - non-glibc
-        pass
-
-
 def _build(name: str, args):
     import torch
     import torch.nn.functional as F
@@ -158,6 +136,7 @@ def _build(name: str, args):
 
 def child(args) -> dict:
     import torch
+    from common import malloc_trim, reset_maxrss, rss_bytes
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     fn, skip = _build(args.child, args)
@@ -187,9 +166,9 @@ def child(args) -> dict:
         hidden.grad = None
         weight.grad = None
         gc.collect()
-        _malloc_trim()
-        reset_ok = _reset_peak_rss()
-        rss0 = _rss_bytes()
+        malloc_trim()
+        reset_ok = reset_maxrss()
+        rss0 = rss_bytes()
         maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
@@ -200,7 +179,7 @@ def child(args) -> dict:
             maxrss_deltas.append(maxrss1 - rss0)
         else:  # without a reset, ru_maxrss only moves if this run beat every earlier peak
             maxrss_deltas.append(maxrss1 - maxrss0)
-        rss_deltas.append(_rss_bytes() - rss0)
+        rss_deltas.append(rss_bytes() - rss0)
 
     # one more run under the live-storage tracker (not timed: the tracker adds overhead)
     tracker_cls = _make_tracker()

@@ -48,14 +48,6 @@ CONTENDERS = ["eager", "einfuse", "inductor", "inductor_auto_chunker", "einfuse_
 TRACKABLE = {"eager", "einfuse"}  # Inductor's buffers are invisible to a dispatch mode
 
 
-def _malloc_trim() -> bool:
-    try:
-        import ctypes
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
 def _tracker_cls():
     from einfuse.analysis.memory import LiveStorageTracker  # follows storages inside fused ops too
 
@@ -69,7 +61,7 @@ def _tracker_cls():
 
 def worker(name: str, a) -> dict:
     import torch
-    from common import peak_rss_since_reset, reset_maxrss, rss_bytes
+    from common import malloc_trim, peak_rss_since_reset, reset_maxrss, rss_bytes
     from transformers import LlamaForCausalLM
 
     import einfuse
@@ -106,7 +98,7 @@ def worker(name: str, a) -> dict:
     warm = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     gc.collect()
-    trimmed = _malloc_trim()  # hand the warm-up's freed heap back to the OS (see the module docstring)
+    trimmed = malloc_trim()  # hand the warm-up's freed heap back to the OS (see the module docstring)
     base = rss_bytes()
     hwm_reset = reset_maxrss()
     t0 = time.perf_counter()

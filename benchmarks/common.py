@@ -36,6 +36,16 @@ def reset_maxrss() -> bool:
         return False
 
 
+def malloc_trim() -> bool:
+    """Hand glibc's freed heap back to the OS, so that a step measured after a warm-up raises the
+    resident high-water mark instead of reusing the warm-up's pages unseen. False off glibc."""
+    try:
+        import ctypes
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_rss_since_reset() -> int:
     with open("/proc/self/status") as f:
         for line in f:

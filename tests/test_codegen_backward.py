@@ -21,35 +21,9 @@ from einfuse.codegen import generate, launch, library  # noqa: E402
 from einfuse.codegen import ops as K  # noqa: E402
 from einfuse.ir.cascade import CascadeInterpreter  # noqa: E402
 from einfuse.runtime import counters, dispatch  # noqa: E402
-from tests.ops._numerics import rel_err  # noqa: E402
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter(tmp_path_factory):
-    from einfuse.codegen.launch import _check_interpreter
-    _check_interpreter()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    mp.setenv("EINFUSE_CACHE_DIR", str(tmp_path_factory.mktemp("einfuse-cache")))
-    mp.delenv("EINFUSE_KERNELS", raising=False)
-    yield
-    mp.undo()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dispatch():
-    dispatch.reset()
-    yield
-    dispatch.reset()
-
-
-def check(fused, eager, ref, what):
-    dt = eager.dtype if eager.dtype in TOL else torch.float32
-    ef, ee = rel_err(fused, ref), rel_err(eager, ref)
-    assert fused.dtype == eager.dtype and fused.shape == eager.shape, what
-    assert ef <= ee + TOL[dt], f"{what}: kernel err {ef:.3e} > eager err {ee:.3e} + {TOL[dt]}"
+# the interpreter and private-cache fixtures (autouse) and the fp64-rule check of the forward kernels' tests
+from tests.test_codegen import TOL, _fresh_dispatch, _interpreter, check  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------
