@@ -208,6 +208,8 @@ _DIRECT = {
         _t(1, 2, 3, 8), _t(1, 2, 3, 8, device=M), _t(1, 2, 3, 8), scale=0.35),
     "linear_cross_entropy": lambda M: __import__("einfuse.runtime.ops.linear_cross_entropy", fromlist=["x"])
     .linear_cross_entropy(_t(4, 8), _t(10, 8, device=M), torch.randint(0, 10, (4,))),
+    "sparse_glu_mlp": lambda M: __import__("einfuse.runtime.ops.sparse_mlp", fromlist=["x"]).sparse_glu_mlp(
+        _t(2, 8), _t(6, 8), _t(6, 8, device=M), _t(8, 6), method="moc", k=3),
 }
 _SILENT: set[str] = set()  # every fused op checks devices (einfuse/runtime/ops/_checks.py)
 

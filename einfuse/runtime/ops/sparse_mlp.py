@@ -58,9 +58,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from einfuse.runtime import counters, dispatch
 from einfuse.runtime.ops import sparse_mlp_cpu, sparse_mlp_triton
+from einfuse.runtime.ops.swiglu import _check_mlp
 
 METHODS = ("chess", "moc", "coreinfer")
-_ACTS = ("silu", "gelu", "gelu_tanh")
+
 _LOW = (torch.bfloat16, torch.float16)
 TRITON_NAME = "sparse_mlp"
 DENSE_UNION = 0.85  # prefill: above this kept fraction of the union, the masked dense product is cheaper
@@ -185,18 +186,8 @@ def register_collector(obj) -> str:
 # --------------------------------------------------------------------------------------------------
 
 def _check(x, w_gate, w_up, w_down, b_gate, b_up, b_down, act) -> None:
-    if act not in _ACTS:
-        raise ValueError(f"einfuse sparse MLP: unknown activation {act!r}; expected one of {_ACTS}")
-    if w_gate.dim() != 2 or w_up.dim() != 2 or w_down.dim() != 2 or x.dim() < 1:
-        raise ValueError("einfuse sparse MLP: weights must be 2-D and x at least 1-D")
-    inter, H = w_gate.shape
-    if x.shape[-1] != H or tuple(w_up.shape) != (inter, H) or w_down.shape[1] != inter:
-        raise ValueError(f"einfuse sparse MLP: shape mismatch: x {tuple(x.shape)}, w_gate {tuple(w_gate.shape)}, "
-                         f"w_up {tuple(w_up.shape)}, w_down {tuple(w_down.shape)}")
-    for name, t in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down), ("b_gate", b_gate),
-                    ("b_up", b_up), ("b_down", b_down)):
-        if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"einfuse sparse MLP: {name} dtype {t.dtype} != x dtype {x.dtype}")
+    """The dense glu_mlp's argument checks (devices, shapes, dtypes, biases, activation)."""
+    _check_mlp(x, w_gate, w_up, w_down, b_gate, b_up, b_down, act, op="sparse_glu_mlp")
 
 
 def _act(x: Tensor, act: str) -> Tensor:

@@ -151,27 +151,28 @@ def glu(gate: Tensor, up: Tensor, act: str = "silu") -> Tensor:
 # --------------------------------------------------------------------------
 
 
-def _check_mlp(x, w_gate, w_up, w_down, b_gate, b_up, b_down, act) -> None:
+def _check_mlp(x, w_gate, w_up, w_down, b_gate, b_up, b_down, act, op: str = "glu_mlp") -> None:
+    """Arguments of a gated MLP op (glu_mlp, and the sparse ops of sparse_mlp.py, named by `op`)."""
     _check_act(act)
-    same_device("glu_mlp", x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, b_gate=b_gate, b_up=b_up,
+    same_device(op, x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, b_gate=b_gate, b_up=b_up,
                 b_down=b_down)
     if w_gate.dim() != 2 or w_up.dim() != 2 or w_down.dim() != 2 or x.dim() < 1:
-        raise ValueError("einfuse::glu_mlp: weights must be 2-D and x at least 1-D")
+        raise ValueError(f"einfuse::{op}: weights must be 2-D and x at least 1-D")
     H = x.shape[-1]
     inter = w_gate.shape[0]
     if tuple(w_gate.shape) != (inter, H) or tuple(w_up.shape) != (inter, H) or w_down.shape[1] != inter:
         raise ValueError(
-            "einfuse::glu_mlp: shape mismatch: x[..., H] with w_gate/w_up [I, H] and w_down [H2, I], got "
+            f"einfuse::{op}: shape mismatch: x[..., H] with w_gate/w_up [I, H] and w_down [H2, I], got "
             f"x {tuple(x.shape)}, w_gate {tuple(w_gate.shape)}, w_up {tuple(w_up.shape)}, "
             f"w_down {tuple(w_down.shape)}"
         )
     for name, t in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down), ("b_gate", b_gate),
                     ("b_up", b_up), ("b_down", b_down)):
         if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"einfuse::glu_mlp: {name} dtype {t.dtype} != x dtype {x.dtype}")
+            raise ValueError(f"einfuse::{op}: {name} dtype {t.dtype} != x dtype {x.dtype}")
     for name, b, n in (("b_gate", b_gate, inter), ("b_up", b_up, inter), ("b_down", b_down, w_down.shape[0])):
         if b is not None and tuple(b.shape) != (n,):
-            raise ValueError(f"einfuse::glu_mlp: {name} must have shape ({n},), got {tuple(b.shape)}")
+            raise ValueError(f"einfuse::{op}: {name} must have shape ({n},), got {tuple(b.shape)}")
 
 
 def _linear2d(x2: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
