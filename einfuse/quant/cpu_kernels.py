@@ -337,16 +337,24 @@ def _sha(path: str) -> str:
 
 
 def _build() -> ctypes.CDLL:
+    return build_shared_library(SOURCE)
+
+
+def build_shared_library(source: str, prefix: str = "") -> ctypes.CDLL:
+    """Compile C `source` into a shared library in einfuse's private directory, or load the one built
+    before: keyed by the source, the compiler version, the CPU and the flags (best flags first), and
+    verified against its stored sha256 (a corrupt or tampered library is rebuilt, with a warning).
+    Shared by the quantized-matmul and the sparse-MLP kernels; `prefix` names the file."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     flag_sets = [["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"]]
-    key_base = hashlib.sha256("\0".join([SOURCE, str(version), _cpu_id(), platform.machine()]).encode()).hexdigest()
+    key_base = hashlib.sha256("\0".join([source, str(version), _cpu_id(), platform.machine()]).encode()).hexdigest()
     d = _private_dir()
     errors = []
     for flags in flag_sets:
-        key = hashlib.sha256((key_base + " ".join(flags)).encode()).hexdigest()[:32]
+        key = prefix + hashlib.sha256((key_base + " ".join(flags)).encode()).hexdigest()[:32]
         so, sig = os.path.join(d, f"{key}.so"), os.path.join(d, f"{key}.sha256")
         if os.path.exists(so) and os.path.exists(sig):
             with open(sig) as f:
@@ -356,7 +364,7 @@ def _build() -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=d) as tmp:
             src, out = os.path.join(tmp, "k.c"), os.path.join(tmp, "k.so")
             with open(src, "w") as f:
-                f.write(SOURCE)
+                f.write(source)
             p = subprocess.run([cc, *flags, "-shared", "-fPIC", "-std=c11", src, "-o", out],
                                capture_output=True, text=True)
             if p.returncode != 0:

@@ -16,11 +16,7 @@ helpers); unavailable (no compiler, ``EINFUSE_CPU_KERNELS=0``): callers use the 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import subprocess
-import tempfile
 import threading
 
 import torch
@@ -77,38 +73,8 @@ _lock = threading.Lock()
 
 
 def _build() -> ctypes.CDLL:
-    from einfuse.quant.cpu_kernels import _compiler, _cpu_id, _private_dir, _sha
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set $CC)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    base = hashlib.sha256("\0".join([SOURCE, str(version), _cpu_id(), platform.machine()]).encode()).hexdigest()
-    d = _private_dir()
-    errors = []
-    for flags in (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"]):
-        key = "sparse_" + hashlib.sha256((base + " ".join(flags)).encode()).hexdigest()[:32]
-        so, sig = os.path.join(d, f"{key}.so"), os.path.join(d, f"{key}.sha256")
-        if os.path.exists(so) and os.path.exists(sig):
-            with open(sig) as f:
-                if f.read().strip() == _sha(so):
-                    return ctypes.CDLL(so)
-        with tempfile.TemporaryDirectory(dir=d) as tmp:
-            src, out = os.path.join(tmp, "k.c"), os.path.join(tmp, "k.so")
-            with open(src, "w") as f:
-                f.write(SOURCE)
-            p = subprocess.run([cc, *flags, "-shared", "-fPIC", "-std=c11", src, "-o", out], capture_output=True,
-                               text=True)
-            if p.returncode != 0:
-                errors.append(f"{' '.join(flags)}: {p.stderr.strip()[-300:]}")
-                continue
-            digest = _sha(out)
-            os.replace(out, so)
-            tmp_sig = os.path.join(tmp, "sig")
-            with open(tmp_sig, "w") as f:
-                f.write(digest)
-            os.replace(tmp_sig, sig)
-        return ctypes.CDLL(so)
-    raise RuntimeError("compilation failed: " + " | ".join(errors))
+    from einfuse.quant.cpu_kernels import build_shared_library
+    return build_shared_library(SOURCE, prefix="sparse_")
 
 
 def available() -> bool:
