@@ -174,11 +174,15 @@ class _Tiles:
     def scores(self, qt: Tensor, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, Optional[Tensor]]:
         """Masked fp32 scores of one tile, [B, Hkv, G*(i1-i0), j1-j0]; also tanh(.) if softcap."""
         kt = self.k[:, :, j0:j1].to(self.acc)
-        s = torch.matmul(qt, kt.transpose(-1, -2))  # qt already carries `scale`
+        # scale after the product, as eager does: pre-scaling q rounds every term of a dot product
+        # that may cancel (scores ~1e4 near a softcap's knee), doubling the gradient's noise there
+        s = torch.matmul(qt, kt.transpose(-1, -2))
         th = None
         if self.softcap > 0:
-            th = s.div_(self.softcap).tanh_()
+            th = s.mul_(self.scale / self.softcap).tanh_()
             s = th * self.softcap
+        else:
+            s.mul_(self.scale)
         s5 = s.view(self.B, self.Hkv, self.G, i1 - i0, j1 - j0)
         if self.m5 is not None:
             mt = self.m5
@@ -278,7 +282,7 @@ def _backward_tiled(dout, dlse, q, k, v, lse, mask, scale, is_causal, window, so
 
     for i0, i1, ktiles in t.query_tiles():
         sq = i1 - i0
-        qt = t.rows(t.q5, i0, i1) * scale
+        qt = t.rows(t.q5, i0, i1)  # unscaled: scores() applies `scale`
         dot = t.rows(do5, i0, i1)
         lse_t = t.rows(lse5, i0, i1).unsqueeze(-1)
         # Row statistics from the recomputed tiles, in fp64 (see the module docstring):
@@ -310,9 +314,9 @@ def _backward_tiled(dout, dlse, q, k, v, lse, mask, scale, is_causal, window, so
                 ds.mul_(th.square_().neg_().add_(1.0))
             kt = t.k[:, :, j0:j1].to(t.acc)
             dqt += torch.matmul(ds, kt)
-            dk[:, :, j0:j1] += torch.matmul(ds.transpose(-1, -2), qt)  # qt = q * scale
+            dk[:, :, j0:j1] += torch.matmul(ds.transpose(-1, -2), qt)  # times scale once, below
         dq5[:, :, :, i0:i1] = dqt.mul_(scale).view(B, Hkv, G, sq, D)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk.mul_(scale).to(k.dtype), dv.to(v.dtype)
 
 
 # --------------------------------------------------------------------------- native path

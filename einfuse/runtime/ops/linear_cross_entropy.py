@@ -17,15 +17,17 @@ up front (they cost nothing), then the remaining tokens are walked in chunks of
    for the gradient).
 2. The target logit is gathered, then the native row-wise softmax kernel turns the
    buffer into probabilities P *in place* (one cache-friendly pass per row).
-   The per-row loss is ``-log P[y]``; ``lse = x[y] + loss``.  Where ``P[y]`` is too
+   The per-row loss is ``-log P[y]``, or ``-log1p(-q)`` with ``q = sum_{j != y} P_j``
+   (one more row pass) where ``P[y] > 1/2``: a well-predicted row's ``P[y]`` is within
+   eps of 1, so ``-log P[y]`` would keep only eps/q relative accuracy; ``lse = x[y] + loss``.  Where ``P[y]`` is too
    small to be represented accurately (loss > ~69, e.g. huge logits) the lse of
    just those rows is recomputed exactly with ``logsumexp`` on re-evaluated logits.
 3. Because the loss is the end of the graph, the gradients are produced right
    here, chunk by chunk (only when an input requires grad).  With w the row's loss
    weight (1/n_valid for "mean", 1 for "sum") and a = w * (1 + 2 z_loss lse):
        dL/dx = a * G,   G = P - (w/a) * onehot(y)    (G *= 1/cosh**2 with softcap)
-   The one-hot term touches only the C target entries of the buffer (as in eager,
-   so p_y - 1 keeps its accuracy), and the row scale a is applied to the small
+   The one-hot term touches only the C target entries of the buffer (``p_y - 1`` as in
+   eager: the gradient is judged against eager's fp64 formula, which forms it the same way), and the row scale a is applied to the small
    [C, H] operands, never to the [C, V] buffer:
        grad_hidden[rows] = a * (G @ W)
        grad_weight      += G.T @ (a * h)
@@ -236,7 +238,13 @@ def linear_cross_entropy_op(
         x_y = x.gather(1, y2).squeeze(1)
         torch._softmax(x, 1, False, out=x)  # x <- P, in place, one row-local pass
         p_y = x.gather(1, y2).squeeze(1)
-        loss_c = p_y.log().neg_()
+        # q = 1 - p_y, summed from the other probabilities (no cancellation): for well-predicted rows
+        # p_y rounds to within eps of 1 and -log(p_y) would keep only eps / q of relative accuracy;
+        # -log1p(-q) keeps full precision (eager's log_softmax does not)
+        x.scatter_(1, y2, 0.0)
+        q = x.sum(1)
+        x.scatter_(1, y2, p_y.unsqueeze(1))
+        loss_c = torch.where(p_y > 0.5, torch.log1p(-q).neg_(), p_y.log().neg_())
         tiny = p_y < _P_TINY
         if bool(tiny.any()):
             # -log(p) is inaccurate here: recompute lse exactly for these rows only.
